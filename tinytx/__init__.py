@@ -1,0 +1,28 @@
+"""tinytx: a transformer you can read.
+
+Small array-API layers that run unchanged on NumPy, CuPy or array-api-strict; attention
+variants as plugins; a trace of every forward pass. Start with :mod:`tinytx.layers`.
+"""
+
+__version__ = "0.1.0"
+
+from tinytx.backends import (  # noqa: E402
+    Backend,
+    BackendUnavailable,
+    available_backends,
+    current_backend,
+    get_backend,
+    use_backend,
+)
+from tinytx.trace import trace  # noqa: E402
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "__version__",
+    "available_backends",
+    "current_backend",
+    "get_backend",
+    "trace",
+    "use_backend",
+]

@@ -1,0 +1,147 @@
+"""Multi-head attention (Vaswani et al. 2017, section 3.2.2).
+
+    MultiHead(X, C) = Concat(head_1, ..., head_h) W_O^T + b_O
+    head_i = Attention(X W_Q,i^T, C W_K,i^T, C W_V,i^T)
+
+with C = X for self-attention. ``Attention`` is a registered variant (``softmax`` by
+default, see :mod:`tinytx.plugins`). With ``n_kv_heads < n_heads`` the keys and values
+have fewer heads, each shared by a group of query heads: grouped-query attention
+(Ainslie et al. 2023); ``n_kv_heads=1`` is multi-query attention (Shazeer 2019).
+
+The projections are packed as in ``torch.nn.MultiheadAttention``: ``in_proj_weight`` holds
+W_Q, W_K, W_V stacked by rows, so its state dict loads unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from tinytx import functional as F
+from tinytx import init
+from tinytx.backends import Backend
+from tinytx.layers.basic import Linear
+from tinytx.layers.module import Module
+from tinytx.layers.positions import RotaryEmbedding
+from tinytx.plugins import AttentionError, get_attention
+
+Array = Any
+
+__all__ = ["MultiHeadAttention", "merge_heads", "split_heads"]
+
+
+def split_heads(x: Array, n_heads: int) -> Array:
+    """(batch, seq, heads * d_head) -> (batch, heads, seq, d_head)."""
+    xp = array_namespace(x)
+    batch, seq, width = x.shape
+    x = xp.reshape(x, (batch, seq, n_heads, width // n_heads))  # (batch, seq, heads, d_head)
+    return xp.permute_dims(x, (0, 2, 1, 3))  # (batch, heads, seq, d_head)
+
+
+def merge_heads(x: Array) -> Array:
+    """(batch, heads, seq, d_head) -> (batch, seq, heads * d_head)."""
+    xp = array_namespace(x)
+    batch, heads, seq, d_head = x.shape
+    x = xp.permute_dims(x, (0, 2, 1, 3))  # (batch, seq, heads, d_head)
+    return xp.reshape(x, (batch, seq, heads * d_head))  # (batch, seq, d_model)
+
+
+class MultiHeadAttention(Module):
+    """Multi-head (and grouped-/multi-query) attention over a registered variant.
+
+    Parameters (PyTorch's names): ``in_proj_weight`` ((n_heads + 2 n_kv_heads) d_head,
+    d_model), ``in_proj_bias``, ``out_proj.weight`` (d_model, d_model), ``out_proj.bias``.
+    ``rotary=True`` rotates queries and keys by position (RoPE) before attention.
+
+    Called as ``mha(x, context=None, *, mask=None, causal=False, return_weights=False)``:
+    x: (batch, seq_q, d_model); context: (batch, seq_k, d_model), default x;
+    mask: boolean, broadcastable to (batch, heads, seq_q, seq_k)
+    -> (batch, seq_q, d_model), and the weights (batch, heads, seq_q, seq_k) when asked for.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        n_kv_heads: int | None = None,
+        bias: bool = True,
+        attention: str = "softmax",
+        attention_options: Mapping[str, Any] | None = None,
+        rotary: bool = False,
+        backend: str | Backend | None = None,
+        seed: init.Seed = 0,
+    ) -> None:
+        super().__init__(backend)
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.d_head = d_model // n_heads
+        self.d_kv = n_kv_heads * self.d_head  # width of the keys (and of the values)
+        self.attention = get_attention(attention)
+        self.attention_options = self.attention.resolve_options(attention_options or {})
+        self.rotary = (
+            self.add_child("rotary", RotaryEmbedding(self.d_head, backend=self.backend))
+            if rotary
+            else None
+        )
+
+        gen = init.rng(seed)
+        rows = d_model + 2 * self.d_kv
+        self.add_param("in_proj_weight", init.xavier_uniform(gen, (rows, d_model)))
+        self.in_proj_bias = self.add_param("in_proj_bias", init.zeros((rows,))) if bias else None
+        self.out_proj = self.add_child(
+            "out_proj", Linear(d_model, d_model, bias=bias, backend=self.backend, seed=gen)
+        )
+        if bias:
+            self.out_proj.add_param("bias", init.zeros((d_model,)))
+
+    def _project(self, x: Array, start: int, stop: int) -> Array:
+        """x (..., d_model) times rows start:stop of the packed projection -> (..., stop - start)."""
+        weight = self.in_proj_weight[start:stop, :]  # (stop - start, d_model)
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[start:stop]
+        return F.linear(x, weight, bias)
+
+    def forward(
+        self,
+        x: Array,
+        context: Array | None = None,
+        *,
+        mask: Array | None = None,
+        causal: bool = False,
+        return_weights: bool = False,
+    ) -> Array | tuple[Array, Array]:
+        context = x if context is None else context
+        for name, value in (("x", x), ("context", context)):
+            if value.ndim != 3 or value.shape[-1] != self.d_model:
+                raise ValueError(
+                    f"MultiHeadAttention expects {name} of shape (batch, seq, {self.d_model}), "
+                    f"got {tuple(value.shape)}"
+                )
+        d, d_kv = self.d_model, self.d_kv
+        q = split_heads(self._project(x, 0, d), self.n_heads)  # (batch, heads, seq_q, d_head)
+        k = split_heads(self._project(context, d, d + d_kv), self.n_kv_heads)  # (b, h_kv, s_k, d_head)
+        v = split_heads(self._project(context, d + d_kv, d + 2 * d_kv), self.n_kv_heads)  # same
+        if self.rotary is not None:
+            q = self.rotary(q)  # (batch, heads, seq_q, d_head)
+            k = self.rotary(k)  # (batch, heads_kv, seq_k, d_head)
+        k = F.repeat_kv(k, self.n_heads)  # (batch, heads, seq_k, d_head)
+        v = F.repeat_kv(v, self.n_heads)  # (batch, heads, seq_k, d_head)
+        out, weights = self.attention(q, k, v, mask=mask, causal=causal, **self.attention_options)
+        out = self.out_proj(merge_heads(out))  # (batch, seq_q, d_model)
+        if not return_weights:
+            return out
+        if weights is None:
+            raise AttentionError(
+                f"attention {self.attention.name!r} does not return weights; use a variant "
+                "that does (e.g. 'softmax') to look at them"
+            )
+        return out, weights  # weights: (batch, heads, seq_q, seq_k)

@@ -1,0 +1,213 @@
+"""Transformer blocks: attention and a feed-forward network, each wrapped in a residual.
+
+Post-norm (the paper, BERT; ``norm_first=False``): normalise *after* adding the residual,
+
+    x = LayerNorm(x + Sublayer(x))                     (Vaswani et al. 2017, section 5.4)
+
+Pre-norm (GPT-2 and most models since; ``norm_first=True``): normalise the sublayer's
+*input* and leave the residual path untouched, which trains more stably when deep,
+
+    x = x + Sublayer(LayerNorm(x))                     (Xiong et al. 2020)
+
+The Annotated Transformer's code is pre-norm while the paper is post-norm; here it is a
+flag. Parameter names follow ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tinytx import init
+from tinytx.backends import Backend
+from tinytx.layers.attention import MultiHeadAttention
+from tinytx.layers.basic import FeedForward, LayerNorm, RMSNorm
+from tinytx.layers.module import Module
+
+Array = Any
+
+__all__ = ["DecoderBlock", "EncoderBlock", "make_norm"]
+
+
+def make_norm(kind: str, d_model: int, eps: float, backend: Backend) -> Module:
+    """``"layer"`` -> LayerNorm, ``"rms"`` -> RMSNorm."""
+    if kind == "layer":
+        return LayerNorm(d_model, eps=eps, backend=backend)
+    if kind == "rms":
+        return RMSNorm(d_model, eps=eps, backend=backend)
+    raise ValueError(f"unknown norm {kind!r}; expected 'layer' or 'rms'")
+
+
+class EncoderBlock(Module):
+    """Self-attention then feed-forward, each with a residual and a norm.
+
+    post-norm: x = norm1(x + SelfAttn(x));  x = norm2(x + FFN(x))
+    pre-norm:  x = x + SelfAttn(norm1(x));  x = x + FFN(norm2(x))
+
+    Keys as in ``nn.TransformerEncoderLayer``: ``self_attn.*``, ``linear1.*``, ``linear2.*``,
+    ``norm1.*``, ``norm2.*``.
+    x: (batch, seq, d_model) -> (batch, seq, d_model); with ``return_weights=True`` also
+    the attention weights (batch, heads, seq, seq).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        *,
+        activation: str = "relu",
+        norm_first: bool = False,
+        eps: float = 1e-5,
+        norm: str = "layer",
+        n_kv_heads: int | None = None,
+        rotary: bool = False,
+        bias: bool = True,
+        attention: str = "softmax",
+        attention_options: Mapping[str, Any] | None = None,
+        backend: str | Backend | None = None,
+        seed: init.Seed = 0,
+    ) -> None:
+        super().__init__(backend)
+        self.norm_first = bool(norm_first)
+        gen = init.rng(seed)
+        self.self_attn = self.add_child("self_attn", MultiHeadAttention(
+            d_model, n_heads, n_kv_heads=n_kv_heads, bias=bias, attention=attention,
+            attention_options=attention_options, rotary=rotary, backend=self.backend, seed=gen,
+        ))  # fmt: skip
+        # The feed-forward's keys sit at the block level (linear1.*, linear2.*), as in PyTorch.
+        self.ff = self.add_child("ff", FeedForward(
+            d_model, d_ff, activation=activation, bias=bias, backend=self.backend, seed=gen
+        ), prefix="")  # fmt: skip
+        self.norm1 = self.add_child("norm1", make_norm(norm, d_model, eps, self.backend))
+        self.norm2 = self.add_child("norm2", make_norm(norm, d_model, eps, self.backend))
+
+    def forward(
+        self,
+        x: Array,
+        *,
+        mask: Array | None = None,
+        causal: bool = False,
+        return_weights: bool = False,
+    ) -> Array | tuple[Array, Array]:
+        def self_attention(h: Array) -> Array:  # (batch, seq, d_model) -> same
+            return self.self_attn(
+                h, mask=mask, causal=causal, return_weights=return_weights
+            )
+
+        weights = None
+        if self.norm_first:
+            attended = self_attention(self.norm1(x))
+            if return_weights:
+                attended, weights = attended
+            x = x + attended  # (batch, seq, d_model)
+            x = x + self.ff(self.norm2(x))  # (batch, seq, d_model)
+        else:
+            attended = self_attention(x)
+            if return_weights:
+                attended, weights = attended
+            x = self.norm1(x + attended)  # (batch, seq, d_model)
+            x = self.norm2(x + self.ff(x))  # (batch, seq, d_model)
+        return (x, weights) if return_weights else x
+
+
+class DecoderBlock(Module):
+    """Causal self-attention, optional cross-attention to an encoder's output, feed-forward.
+
+    post-norm: x = norm1(x + SelfAttn(x, causal));  x = norm2(x + CrossAttn(x, memory));
+               x = norm3(x + FFN(x))
+    pre-norm:  x = x + SelfAttn(norm1(x), causal);  x = x + CrossAttn(norm2(x), memory);
+               x = x + FFN(norm3(x))
+
+    With ``cross_attention=False`` (decoder-only models such as GPT) the middle step and
+    its norm are absent and the feed-forward's norm is ``norm2``. Keys as in
+    ``nn.TransformerDecoderLayer``: ``self_attn.*``, ``multihead_attn.*``, ``linear1.*``,
+    ``linear2.*``, ``norm1.*``, ``norm2.*``, ``norm3.*``.
+
+    Called as ``block(x, memory=None, *, mask=None, memory_mask=None, causal=True,
+    return_weights=False)``: x: (batch, seq, d_model); memory: (batch, seq_m, d_model)
+    -> (batch, seq, d_model), with ``return_weights=True`` also a dict with the
+    ``"self"`` (batch, heads, seq, seq) and ``"cross"`` (batch, heads, seq, seq_m) weights.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        *,
+        cross_attention: bool = True,
+        activation: str = "relu",
+        norm_first: bool = False,
+        eps: float = 1e-5,
+        norm: str = "layer",
+        n_kv_heads: int | None = None,
+        rotary: bool = False,
+        bias: bool = True,
+        attention: str = "softmax",
+        attention_options: Mapping[str, Any] | None = None,
+        backend: str | Backend | None = None,
+        seed: init.Seed = 0,
+    ) -> None:
+        super().__init__(backend)
+        self.norm_first = bool(norm_first)
+        gen = init.rng(seed)
+
+        def attention_layer() -> MultiHeadAttention:
+            return MultiHeadAttention(
+                d_model, n_heads, n_kv_heads=n_kv_heads, bias=bias, attention=attention,
+                attention_options=attention_options, rotary=rotary, backend=self.backend,
+                seed=gen,
+            )  # fmt: skip
+
+        self.self_attn = self.add_child("self_attn", attention_layer())
+        self.multihead_attn = (
+            self.add_child("multihead_attn", attention_layer()) if cross_attention else None
+        )
+        self.ff = self.add_child("ff", FeedForward(
+            d_model, d_ff, activation=activation, bias=bias, backend=self.backend, seed=gen
+        ), prefix="")  # fmt: skip
+        n_norms = 3 if cross_attention else 2
+        self.norms = [
+            self.add_child(f"norm{i}", make_norm(norm, d_model, eps, self.backend))
+            for i in range(1, n_norms + 1)
+        ]
+
+    def forward(
+        self,
+        x: Array,
+        memory: Array | None = None,
+        *,
+        mask: Array | None = None,
+        memory_mask: Array | None = None,
+        causal: bool = True,
+        return_weights: bool = False,
+    ) -> Array | tuple[Array, dict[str, Array]]:
+        if (memory is None) != (self.multihead_attn is None):
+            raise ValueError(
+                "this DecoderBlock was built with cross_attention="
+                f"{self.multihead_attn is not None}; pass memory exactly when it has cross-attention"
+            )
+        weights: dict[str, Array] = {}
+
+        def residual(x: Array, norm: Module, sublayer: Any) -> Array:
+            if self.norm_first:
+                return x + sublayer(norm(x))  # (batch, seq, d_model)
+            return norm(x + sublayer(x))  # (batch, seq, d_model)
+
+        def attend(name: str, layer: MultiHeadAttention, **kwargs: Any) -> Any:
+            def sublayer(h: Array) -> Array:
+                result = layer(h, return_weights=return_weights, **kwargs)
+                if not return_weights:
+                    return result
+                out, weights[name] = result
+                return out
+
+            return sublayer
+
+        x = residual(x, self.norms[0], attend("self", self.self_attn, mask=mask, causal=causal))
+        if self.multihead_attn is not None:
+            cross = attend("cross", self.multihead_attn, context=memory, mask=memory_mask)
+            x = residual(x, self.norms[1], cross)  # (batch, seq, d_model)
+        x = residual(x, self.norms[-1], self.ff)  # (batch, seq, d_model)
+        return (x, weights) if return_weights else x

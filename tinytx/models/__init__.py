@@ -1,0 +1,6 @@
+"""Whole models built from :mod:`tinytx.layers`. The encoder stack lives in
+``tinytx.layers.Encoder``; pretrained loaders and a GPT arrive here in later issues."""
+
+from tinytx.layers.encoder import Encoder
+
+__all__ = ["Encoder"]
