@@ -158,9 +158,7 @@ def _make_cupy() -> Backend:
         cupy.cuda.get_current_stream().synchronize()
 
     device = cupy.cuda.Device()
-    return Backend(
-        "cupy", xp, device, asarray, to_numpy, synchronize, natives={"erf": special.erf}
-    )
+    return Backend("cupy", xp, device, asarray, to_numpy, synchronize, natives={"erf": special.erf})
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {

@@ -6,6 +6,7 @@ contract (see :mod:`tinytx.plugins.registry`); ``get_attention(name)`` and
 package is imported.
 """
 
+from tinytx.plugins import softmax  # noqa: E402,F401  (registers the built-ins)
 from tinytx.plugins.registry import (
     AttentionError,
     AttentionVariant,
@@ -17,8 +18,6 @@ from tinytx.plugins.registry import (
     register_attention,
     unregister_attention,
 )
-
-from tinytx.plugins import softmax  # noqa: E402,F401  (registers the built-ins)
 
 __all__ = [
     "AttentionError",

@@ -14,6 +14,7 @@ from tinytx.backends import (  # noqa: E402
     get_backend,
     use_backend,
 )
+from tinytx.pretrained import load_pretrained  # noqa: E402
 from tinytx.trace import trace  # noqa: E402
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "available_backends",
     "current_backend",
     "get_backend",
+    "load_pretrained",
     "trace",
     "use_backend",
 ]

@@ -11,11 +11,10 @@ construction order; so ``seed`` may be an int or a generator everywhere.
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import numpy as np
 
-Seed = Union[int, np.random.Generator]
+Seed = int | np.random.Generator
 
 __all__ = ["Seed", "normal", "ones", "rng", "uniform", "xavier_uniform", "zeros"]
 

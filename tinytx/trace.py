@@ -95,7 +95,7 @@ class Trace:
         header = ("layer", "input", "output", "dtype", "ms")
         body = [
             (
-                "  " * r.depth + f"{r.name} [{r.kind}]",
+                "  " * r.depth + (r.name if r.name == r.kind else f"{r.name} [{r.kind}]"),
                 fmt(r.inputs),
                 fmt(r.outputs),
                 r.dtype,
@@ -104,10 +104,12 @@ class Trace:
             for r in self.rows
         ]
         widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header]]
-        lines.append("  ".join("-" * w for w in widths))
-        for line in body:
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+        def row(cells: tuple[str, ...]) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+        lines = [row(header), row(tuple("-" * w for w in widths))]
+        lines.extend(row(cells) for cells in body)
         return "\n".join(lines)
 
 

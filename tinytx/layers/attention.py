@@ -105,7 +105,7 @@ class MultiHeadAttention(Module):
             self.out_proj.add_param("bias", init.zeros((d_model,)))
 
     def _project(self, x: Array, start: int, stop: int) -> Array:
-        """x (..., d_model) times rows start:stop of the packed projection -> (..., stop - start)."""
+        """x (..., d_model) @ rows start:stop of the packed projection -> (..., stop - start)."""
         weight = self.in_proj_weight[start:stop, :]  # (stop - start, d_model)
         bias = None if self.in_proj_bias is None else self.in_proj_bias[start:stop]
         return F.linear(x, weight, bias)
@@ -128,7 +128,7 @@ class MultiHeadAttention(Module):
                 )
         d, d_kv = self.d_model, self.d_kv
         q = split_heads(self._project(x, 0, d), self.n_heads)  # (batch, heads, seq_q, d_head)
-        k = split_heads(self._project(context, d, d + d_kv), self.n_kv_heads)  # (b, h_kv, s_k, d_head)
+        k = split_heads(self._project(context, d, d + d_kv), self.n_kv_heads)  # (b, h_kv, s_k, d_h)
         v = split_heads(self._project(context, d + d_kv, d + 2 * d_kv), self.n_kv_heads)  # same
         if self.rotary is not None:
             q = self.rotary(q)  # (batch, heads, seq_q, d_head)

@@ -124,9 +124,7 @@ class RMSNorm(Module):
     x: (..., d) -> (..., d).
     """
 
-    def __init__(
-        self, d: int, *, eps: float = 1e-6, backend: str | Backend | None = None
-    ) -> None:
+    def __init__(self, d: int, *, eps: float = 1e-6, backend: str | Backend | None = None) -> None:
         super().__init__(backend)
         self.d, self.eps = _positive_int(d, "d"), float(eps)
         self.add_param("weight", init.ones((d,)))  # (d,)

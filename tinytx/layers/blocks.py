@@ -91,9 +91,7 @@ class EncoderBlock(Module):
         return_weights: bool = False,
     ) -> Array | tuple[Array, Array]:
         def self_attention(h: Array) -> Array:  # (batch, seq, d_model) -> same
-            return self.self_attn(
-                h, mask=mask, causal=causal, return_weights=return_weights
-            )
+            return self.self_attn(h, mask=mask, causal=causal, return_weights=return_weights)
 
         weights = None
         if self.norm_first:
@@ -186,7 +184,8 @@ class DecoderBlock(Module):
         if (memory is None) != (self.multihead_attn is None):
             raise ValueError(
                 "this DecoderBlock was built with cross_attention="
-                f"{self.multihead_attn is not None}; pass memory exactly when it has cross-attention"
+                f"{self.multihead_attn is not None}; pass memory if and only if it has "
+                "cross-attention"
             )
         weights: dict[str, Array] = {}
 

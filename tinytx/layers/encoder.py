@@ -105,12 +105,25 @@ class Encoder(Module):
                 "positions", LearnedPositions(max_len, d_model, backend=self.backend, seed=gen)
             )
         self.layers = [
-            self.add_child(f"layers.{i}", EncoderBlock(
-                d_model, n_heads, d_ff, activation=activation, norm_first=norm_first, eps=eps,
-                norm=norm, n_kv_heads=n_kv_heads, rotary=positions == "rotary", bias=bias,
-                attention=attention, attention_options=attention_options,
-                backend=self.backend, seed=gen,
-            ))  # fmt: skip
+            self.add_child(
+                f"layers.{i}",
+                EncoderBlock(
+                    d_model,
+                    n_heads,
+                    d_ff,
+                    activation=activation,
+                    norm_first=norm_first,
+                    eps=eps,
+                    norm=norm,
+                    n_kv_heads=n_kv_heads,
+                    rotary=positions == "rotary",
+                    bias=bias,
+                    attention=attention,
+                    attention_options=attention_options,
+                    backend=self.backend,
+                    seed=gen,
+                ),
+            )  # fmt: skip
             for i in range(n_layers)
         ]
         use_final_norm = norm_first if final_norm is None else final_norm

@@ -29,8 +29,10 @@ def padding_mask(
     if is_array_api_obj(lengths):
         xp, device = array_namespace(lengths), device_of(lengths)
         if not xp.isdtype(lengths.dtype, "integral") or lengths.ndim != 1:
-            raise ValueError(f"lengths must be a 1-D integer array, got {lengths.dtype} "
-                             f"of shape {tuple(lengths.shape)}")
+            raise ValueError(
+                f"lengths must be a 1-D integer array, got {lengths.dtype} "
+                f"of shape {tuple(lengths.shape)}"
+            )
         values = [int(n) for n in lengths]
     else:
         chosen = resolve_backend(backend)

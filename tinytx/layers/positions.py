@@ -31,7 +31,9 @@ def _check_room(seq: int, offset: int, max_len: int | None) -> None:
         )
 
 
-def sinusoidal_table(seq: int, d: int, *, xp: Any, device: Any, dtype: Any, offset: int = 0) -> Array:
+def sinusoidal_table(
+    seq: int, d: int, *, xp: Any, device: Any, dtype: Any, offset: int = 0
+) -> Array:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)),  PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
 
     -> (seq, d) for positions offset .. offset + seq - 1; d must be even.

@@ -1,0 +1,91 @@
+"""Loading Hugging Face-format checkpoint folders: config.json + model.safetensors.
+
+:func:`load_pretrained` reads ``config.json``, picks the model from its ``model_type`` and
+hands the folder to that model's loader. Weights are read with the ``safetensors``
+package's NumPy API: no torch, and never pickle. Host-side code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinytx.backends import Backend, resolve_backend
+
+__all__ = ["CheckpointError", "load_pretrained", "read_config", "read_safetensors"]
+
+# model_type in config.json -> "module:function"; the function takes
+# (folder: Path, config: dict, backend: Backend, attention: str) and returns the model.
+LOADERS: dict[str, str] = {
+    "bert": "tinytx.models.bert:load_bert",
+    "gpt2": "tinytx.models.gpt:load_gpt2",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message says why."""
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint folder, or a clear CheckpointError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder (expected a Hugging Face model folder)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json (expected a Hugging Face model folder)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file as a NumPy array (float16/bfloat16 -> float32).
+
+    A missing, truncated or corrupted file raises CheckpointError naming the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} not found")
+    try:
+        tensors = load(path.read_bytes())
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"cannot read {path}: corrupted or truncated safetensors ({err})"
+        ) from None
+    return {
+        name: value.astype(np.float32) if value.dtype.kind == "f" and value.itemsize < 4 else value
+        for name, value in tensors.items()
+    }
+
+
+def load_pretrained(
+    path: str | Path, *, backend: str | Backend | None = None, attention: str = "softmax"
+) -> Any:
+    """Load a Hugging Face-format folder into tinytx modules, on ``backend``.
+
+    The model is chosen by ``model_type`` in config.json; supported: see ``LOADERS``.
+    ``attention`` names the registered attention variant the model computes with.
+    """
+    folder = Path(path)
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    if model_type not in LOADERS:
+        known = ", ".join(sorted(LOADERS))
+        raise CheckpointError(
+            f"{folder / 'config.json'} has model_type {model_type!r}; tinytx loads: {known}"
+        )
+    module_name, function_name = LOADERS[model_type].split(":")
+    loader = getattr(importlib.import_module(module_name), function_name)
+    return loader(folder, config, resolve_backend(backend), attention)
