@@ -178,6 +178,14 @@ def demo(ctx: click.Context, layer: int, head: int, attention: str, color: bool 
     )
 
 
+# --- benchmarks (scripts in benchmarks/ call the same functions) -------------------------
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks: print a table, write JSON. Compare with the named peer as a ratio."""
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
