@@ -171,6 +171,9 @@ class Module:
         for arg in args:
             if is_array_api_obj(arg):
                 self.check_input(arg)
+        for name, arg in kwargs.items():
+            if is_array_api_obj(arg):
+                self.check_input(arg, what=f"argument {name!r}")
         tracer = current_tracer()
         if tracer is None:
             return self.forward(*args, **kwargs)
