@@ -116,7 +116,10 @@ class Module:
         for key, (owner, attr) in slots.items():
             if key in state:
                 want = tuple(getattr(owner, attr).shape)
-                got = tuple(getattr(state[key], "shape", ()))
+                got = getattr(state[key], "shape", None)
+                if got is None:  # a nested list: the shape numpy.asarray gives it
+                    got = owner.backend.asarray(state[key]).shape
+                got = tuple(got)
                 if got != want:
                     misshaped.append(f"{key}: expected {want}, got {got}")
         if missing or unexpected or misshaped:
