@@ -23,6 +23,7 @@ from tinytx import functional as F
 from tinytx import init
 from tinytx.backends import Backend
 from tinytx.layers.basic import Linear
+from tinytx.layers.kv_cache import LayerKVCache
 from tinytx.layers.module import Module
 from tinytx.layers.positions import RotaryEmbedding
 from tinytx.plugins import AttentionError, get_attention
@@ -55,10 +56,13 @@ class MultiHeadAttention(Module):
     d_model), ``in_proj_bias``, ``out_proj.weight`` (d_model, d_model), ``out_proj.bias``.
     ``rotary=True`` rotates queries and keys by position (RoPE) before attention.
 
-    Called as ``mha(x, context=None, *, mask=None, causal=False, return_weights=False)``:
-    x: (batch, seq_q, d_model); context: (batch, seq_k, d_model), default x;
+    Called as ``mha(x, context=None, *, mask=None, causal=False, return_weights=False,
+    cache=None)``: x: (batch, seq_q, d_model); context: (batch, seq_k, d_model), default x;
     mask: boolean, broadcastable to (batch, heads, seq_q, seq_k)
     -> (batch, seq_q, d_model), and the weights (batch, heads, seq_q, seq_k) when asked for.
+    With a :class:`~tinytx.layers.kv_cache.LayerKVCache` (self-attention only), x holds the
+    *new* positions: their keys and values are appended to the cache, the queries attend to
+    every cached position (seq_k = cached + seq_q), and rotary starts at the cached length.
     """
 
     def __init__(
@@ -118,7 +122,10 @@ class MultiHeadAttention(Module):
         mask: Array | None = None,
         causal: bool = False,
         return_weights: bool = False,
+        cache: LayerKVCache | None = None,
     ) -> Array | tuple[Array, Array]:
+        if cache is not None and context is not None:
+            raise ValueError("a KV cache is for self-attention; do not pass context with it")
         context = x if context is None else context
         for name, value in (("x", x), ("context", context)):
             if value.ndim != 3 or value.shape[-1] != self.d_model:
@@ -130,9 +137,12 @@ class MultiHeadAttention(Module):
         q = split_heads(self._project(x, 0, d), self.n_heads)  # (batch, heads, seq_q, d_head)
         k = split_heads(self._project(context, d, d + d_kv), self.n_kv_heads)  # (b, h_kv, s_k, d_h)
         v = split_heads(self._project(context, d + d_kv, d + 2 * d_kv), self.n_kv_heads)  # same
+        offset = 0 if cache is None else cache.length  # positions already cached
         if self.rotary is not None:
-            q = self.rotary(q)  # (batch, heads, seq_q, d_head)
-            k = self.rotary(k)  # (batch, heads_kv, seq_k, d_head)
+            q = self.rotary(q, offset)  # (batch, heads, seq_q, d_head)
+            k = self.rotary(k, offset)  # (batch, heads_kv, seq_k, d_head)
+        if cache is not None:  # keys/values of earlier positions + these: seq_k = offset + seq_q
+            k, v = cache.append(k, v)  # (batch, heads_kv, seq_k, d_head) each
         k = F.repeat_kv(k, self.n_heads)  # (batch, heads, seq_k, d_head)
         v = F.repeat_kv(v, self.n_heads)  # (batch, heads, seq_k, d_head)
         out, weights = self.attention(q, k, v, mask=mask, causal=causal, **self.attention_options)

@@ -22,6 +22,7 @@ from tinytx import init
 from tinytx.backends import Backend
 from tinytx.layers.attention import MultiHeadAttention
 from tinytx.layers.basic import FeedForward, LayerNorm, RMSNorm
+from tinytx.layers.kv_cache import LayerKVCache
 from tinytx.layers.module import Module
 
 Array = Any
@@ -123,9 +124,11 @@ class DecoderBlock(Module):
     ``linear2.*``, ``norm1.*``, ``norm2.*``, ``norm3.*``.
 
     Called as ``block(x, memory=None, *, mask=None, memory_mask=None, causal=True,
-    return_weights=False)``: x: (batch, seq, d_model); memory: (batch, seq_m, d_model)
-    -> (batch, seq, d_model), with ``return_weights=True`` also a dict with the
+    return_weights=False, cache=None)``: x: (batch, seq, d_model); memory: (batch, seq_m,
+    d_model) -> (batch, seq, d_model), with ``return_weights=True`` also a dict with the
     ``"self"`` (batch, heads, seq, seq) and ``"cross"`` (batch, heads, seq, seq_m) weights.
+    ``cache`` (a :class:`~tinytx.layers.kv_cache.LayerKVCache`) goes to the self-attention:
+    x then holds only the new positions (see :class:`MultiHeadAttention`).
     """
 
     def __init__(
@@ -180,6 +183,7 @@ class DecoderBlock(Module):
         memory_mask: Array | None = None,
         causal: bool = True,
         return_weights: bool = False,
+        cache: LayerKVCache | None = None,
     ) -> Array | tuple[Array, dict[str, Array]]:
         if (memory is None) != (self.multihead_attn is None):
             raise ValueError(
@@ -204,7 +208,8 @@ class DecoderBlock(Module):
 
             return sublayer
 
-        x = residual(x, self.norms[0], attend("self", self.self_attn, mask=mask, causal=causal))
+        self_attn = attend("self", self.self_attn, mask=mask, causal=causal, cache=cache)
+        x = residual(x, self.norms[0], self_attn)  # (batch, seq, d_model)
         if self.multihead_attn is not None:
             cross = attend("cross", self.multihead_attn, context=memory, mask=memory_mask)
             x = residual(x, self.norms[1], cross)  # (batch, seq, d_model)
