@@ -2,5 +2,6 @@
 ``tinytx.layers.Encoder``; pretrained loaders and a GPT arrive here in later issues."""
 
 from tinytx.layers.encoder import Encoder
+from tinytx.models.gpt import GPT, GPTConfig
 
-__all__ = ["Encoder"]
+__all__ = ["Encoder", "GPT", "GPTConfig"]

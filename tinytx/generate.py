@@ -1,0 +1,235 @@
+"""Text generation with a GPT: one token at a time, with a key/value cache.
+
+Host-side code: the model computes on its backend; choosing the next token happens here,
+on the host, with NumPy, so that a seed gives the same tokens on every backend.
+
+One generation step (see the README's "How generation works" for real shapes):
+
+1. **Prefill.** The prompt's s tokens go through the model once. Every layer writes
+   their keys and values into its :class:`~tinytx.layers.kv_cache.LayerKVCache`
+   (positions 0 .. s-1); only the last position's logits are kept.
+2. **Choose.** From those logits (batch, vocab): greedy takes the argmax; sampling
+   divides by the temperature, keeps the top-k and/or the top-p nucleus, and draws from
+   the softmax with a seeded ``numpy.random.Generator``.
+3. **Decode.** The chosen token alone, (batch, 1), goes through the model at position s.
+   Each layer computes one query, key and value, appends the key and value to its cache
+   and attends over all s + 1 cached positions. Back to 2, until ``max_new_tokens``
+   tokens are generated (or every sequence produced ``stop_token``).
+
+Without the cache (``use_cache=False``) step 3 runs the whole sequence again: the same
+logits, at a cost that grows with the length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GenerationError", "Step", "check_sampling", "generate", "sample_next", "stream"]
+
+
+class GenerationError(ValueError):
+    """Arguments that generation cannot use; the message says what was expected."""
+
+
+@dataclass
+class Step:
+    """One generated token per sequence.
+
+    position: where the new tokens stand in the sequence (the prompt holds 0 .. s-1);
+    tokens: (batch,) int64, the chosen tokens;
+    logits: (batch, vocab) float32, the scores they were chosen from (host arrays).
+    """
+
+    position: int
+    tokens: np.ndarray
+    logits: np.ndarray
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise GenerationError unless temperature >= 0, top_k >= 1 and 0 < top_p <= 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise GenerationError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise GenerationError(f"top_k must be an int >= 1 (or None), got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0)
+    ):
+        raise GenerationError(f"top_p must lie in (0, 1] (or be None), got {top_p!r}")
+
+
+def sample_next(
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> np.ndarray:
+    """Choose the next token of each sequence from its logits (host arrays).
+
+    temperature 0: greedy, argmax (the lowest id among equal scores; no random draw).
+    Otherwise, for each row:  z = logits / temperature;  keep the ``top_k`` highest z;
+    p = softmax(z) over the kept tokens;  keep the smallest set of most likely tokens
+    whose probability reaches ``top_p`` (the nucleus; Holtzman et al. 2019);  renormalise
+    and draw one token with one uniform number from ``rng``.
+    logits: (batch, vocab) -> tokens (batch,) int64.
+    """
+    if temperature == 0:
+        return np.argmax(logits, axis=-1).astype(np.int64)  # (batch,)
+    tokens = np.empty(logits.shape[0], dtype=np.int64)
+    for row, scores in enumerate(logits):
+        z = scores.astype(np.float64) / temperature  # (vocab,) on the host, in float64
+        order = np.argsort(-z, kind="stable")  # (vocab,) token ids, most likely first
+        if top_k is not None:
+            order = order[:top_k]  # (k,)
+        kept = z[order]  # (n,)
+        p = np.exp(kept - kept[0])  # (n,) softmax numerators, the largest is exp(0) = 1
+        p /= p.sum()
+        if top_p is not None and top_p < 1.0:
+            # The smallest prefix whose probability reaches top_p: up to the first index
+            # where the running sum is >= top_p (all of them if rounding never gets there).
+            n = min(int(np.searchsorted(np.cumsum(p), top_p)) + 1, len(p))
+            order, p = order[:n], p[:n] / p[:n].sum()
+        cdf = np.cumsum(p)  # (n,)
+        pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+        tokens[row] = order[min(pick, len(order) - 1)]
+    return tokens  # (batch,)
+
+
+def _prompt_to_host(model: Any, ids: Any) -> tuple[np.ndarray, str]:
+    """The prompt as a host (batch, seq) int64 array, and how to give the result back:
+    ``"backend"`` (an array on the model's backend), ``"numpy2d"`` or ``"numpy1d"``."""
+    if model.backend.owns(ids):
+        host, kind = np.asarray(model.backend.to_numpy(ids)), "backend"
+    else:
+        host, kind = np.asarray(ids), "numpy"
+    if host.size == 0:
+        raise GenerationError("the prompt is empty: give at least one token")
+    if not np.issubdtype(host.dtype, np.integer):
+        raise GenerationError(f"token ids must be integers, got dtype {host.dtype}")
+    if host.ndim not in (1, 2):
+        raise GenerationError(
+            f"token ids must have shape (seq,) or (batch, seq), got {tuple(host.shape)}"
+        )
+    if kind == "numpy":
+        kind = f"numpy{host.ndim}d"
+    return np.atleast_2d(host).astype(np.int64), kind
+
+
+def _check_prompt(model: Any, host: np.ndarray, max_new_tokens: int, stop_token: Any) -> None:
+    config = model.config
+    vocab, context = config.vocab_size, config.context_length
+    low, high = int(host.min()), int(host.max())
+    if low < 0 or high >= vocab:
+        raise GenerationError(
+            f"token ids must lie in [0, {vocab}) (the model's vocabulary), got ids from "
+            f"{low} to {high}"
+        )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    seq = host.shape[1]
+    if seq > context:
+        raise GenerationError(
+            f"the prompt has {seq} tokens but the model reads at most {context} "
+            "(its context length); shorten the prompt"
+        )
+    if seq + max_new_tokens > context:
+        raise GenerationError(
+            f"the prompt ({seq} tokens) plus {max_new_tokens} new tokens exceed the model's "
+            f"context length of {context}; ask for at most {context - seq} new tokens"
+        )
+    if stop_token is not None and (
+        isinstance(stop_token, bool)
+        or not isinstance(stop_token, (int, np.integer))
+        or not 0 <= stop_token < vocab
+    ):
+        raise GenerationError(f"stop_token must be a token id in [0, {vocab}), got {stop_token!r}")
+
+
+def stream(
+    model: Any,
+    ids: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_token: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[Step]:
+    """Generate token by token, yielding a :class:`Step` as soon as each token is chosen.
+
+    Arguments as in :func:`generate`. Every argument is checked before the first step.
+    """
+    check_sampling(temperature, top_k, top_p)
+    host, _ = _prompt_to_host(model, ids)
+    _check_prompt(model, host, max_new_tokens, stop_token)
+    if max_new_tokens == 0:
+        return
+    rng = np.random.default_rng(seed)
+    backend = model.backend
+    batch, seq = host.shape
+    cache = model.new_cache(batch, seq + max_new_tokens) if use_cache else None
+    tokens = host  # (batch, seq + generated so far), host
+    model_input = host  # what the model reads next: the prompt, then one token (cache)
+    finished = np.zeros(batch, dtype=bool)
+    for position in range(seq, seq + max_new_tokens):
+        if cache is None:
+            model_input = tokens  # no cache: the whole sequence, every step
+        logits = model(backend.asarray(model_input, dtype="int64"), cache=cache, last_only=True)
+        last = np.asarray(backend.to_numpy(logits))[:, 0, :]  # (batch, vocab)
+        chosen = sample_next(last, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+        if stop_token is not None:
+            chosen = np.where(finished, stop_token, chosen)  # finished rows repeat the stop
+            finished |= chosen == stop_token
+        tokens = np.concatenate([tokens, chosen[:, None]], axis=1)  # (batch, position + 1)
+        model_input = chosen[:, None]  # (batch, 1)
+        yield Step(position, chosen, last)
+        if stop_token is not None and finished.all():
+            return
+
+
+def generate(
+    model: Any,
+    ids: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_token: int | None = None,
+    use_cache: bool = True,
+) -> Any:
+    """``ids`` with up to ``max_new_tokens`` generated tokens appended.
+
+    ids: (batch, seq) or (seq,) int token ids: a host array or list (the result is a NumPy
+    int64 array of the same rank) or an array on the model's backend (the result is one
+    too). temperature 0 is greedy decoding; temperature > 0 samples, optionally from the
+    ``top_k`` most likely tokens and/or the ``top_p`` nucleus (see :func:`sample_next`),
+    with ``numpy.random.default_rng(seed)``: the same seed gives the same tokens on every
+    backend. ``stop_token``: a sequence that produces it is finished (later positions
+    repeat it); generation ends when every sequence is. ``use_cache=False`` recomputes
+    the whole sequence at every step (same tokens, slower). The prompt plus the new tokens
+    must fit in the model's context.
+    """
+    host, kind = _prompt_to_host(model, ids)
+    steps = stream(
+        model, host, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, stop_token=stop_token, use_cache=use_cache,
+    )  # fmt: skip
+    new = [step.tokens[:, None] for step in steps]  # each (batch, 1)
+    result = np.concatenate([host, *new], axis=1)  # (batch, seq + generated)
+    if kind == "backend":
+        return model.backend.asarray(result, dtype="int64")
+    return result[0] if kind == "numpy1d" else result
