@@ -5,6 +5,7 @@ Every variant follows one contract (see ``../shared/design.md``)::
     fn(q, k, v, *, mask=None, causal=False, scale=None, **options) -> (output, weights | None)
 
     q: (batch, heads, seq_q, d); k, v: (batch, heads_kv or heads, seq_k, d / d_v)
+    (the function itself always receives k, v with ``heads`` heads; see AttentionVariant)
     output: (batch, heads, seq_q, d_v); weights: (batch, heads, seq_q, seq_k) or None
     mask: boolean, True where attention is allowed, broadcastable to (batch, heads, seq_q, seq_k)
 
@@ -12,26 +13,53 @@ A variant declares what it promises (:class:`Promises`); the conformance kit in
 :mod:`tinytx.testing` holds it to exactly that. A variant that cannot honour ``mask`` or
 ``causal`` must refuse it: :class:`AttentionVariant` does so for it, loudly, when it does
 not declare support, so a mask is never silently dropped.
+
+Where variants come from:
+
+- the built-ins register when :mod:`tinytx.plugins` is imported;
+- third-party packages declare an entry point in the group ``tinytx.attention``
+  (``my_variant = my_package.attention``): the entry point's name is the variant's name
+  and loading it imports the module, whose ``@register_attention`` runs. They are loaded
+  lazily, by name, the first time :func:`get_attention` is asked for a name it does not
+  know (:func:`available_attention` loads them all). A broken one warns
+  (:class:`PluginWarning`) and is skipped. ``TINYTX_DISABLE_PLUGIN_AUTOLOAD=1`` turns this
+  discovery off;
+- a learner's own file or module: :func:`load_plugin` (``tinytx --plugin PATH_OR_MODULE``).
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "AttentionError",
     "AttentionVariant",
     "Option",
+    "PluginError",
+    "PluginWarning",
     "Promises",
     "UnknownAttentionError",
     "available_attention",
+    "broken_plugins",
     "get_attention",
+    "load_plugin",
     "register_attention",
     "unregister_attention",
 ]
+
+ENTRY_POINT_GROUP = "tinytx.attention"
 
 
 class AttentionError(ValueError):
@@ -43,6 +71,14 @@ class UnknownAttentionError(AttentionError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with quotes
         return str(self.args[0])
+
+
+class PluginError(AttentionError):
+    """A plugin (file, module or entry point) failed to load; the message names it."""
+
+
+class PluginWarning(UserWarning):
+    """A discovered third-party plugin was broken and has been skipped."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +137,10 @@ class Option:
 class AttentionVariant:
     """A registered attention function with its description, paper, promises and options.
 
-    Calling it validates the options, refuses a mask or causal flag it cannot honour, and
-    checks the shape and dtype of what the function returns.
+    Calling it validates the inputs and the options, refuses a mask or causal flag the
+    function cannot honour, repeats grouped key/value heads so that the function always
+    sees as many as there are query heads, and checks the shape and dtype of what the
+    function returns.
     """
 
     name: str
@@ -111,6 +149,18 @@ class AttentionVariant:
     paper: str = ""
     promises: Promises = field(default_factory=Promises)
     options: Mapping[str, Option] = field(default_factory=dict)
+    source: str = ""  # "built-in", or the plugin (file, module, entry point) it came from
+
+    @property
+    def builtin(self) -> bool:
+        """True for the variants that ship with tinytx."""
+        return self.source == "built-in"
+
+    def _who(self) -> str:
+        """How error messages name this variant: ``attention 'x'`` plus its plugin."""
+        if not self.source or self.builtin:
+            return f"attention {self.name!r}"
+        return f"attention {self.name!r} (plugin {self.source})"
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults filled in, unknown names and invalid values rejected."""
@@ -118,8 +168,7 @@ class AttentionVariant:
         if unknown:
             known = ", ".join(self.options) or "none"
             raise AttentionError(
-                f"attention {self.name!r} has no option {', '.join(map(repr, unknown))}; "
-                f"its options: {known}"
+                f"{self._who()} has no option {', '.join(map(repr, unknown))}; its options: {known}"
             )
         resolved = {}
         for name, spec in self.options.items():
@@ -138,36 +187,35 @@ class AttentionVariant:
         scale: float | None = None,
         **options: Any,
     ) -> tuple[Any, Any]:
-        from tinytx.functional import check_attention_inputs
+        from tinytx.functional import check_attention_inputs, repeat_kv
 
         check_attention_inputs(q, k, v, mask)
         if mask is not None and not self.promises.supports_mask:
             raise AttentionError(
-                f"attention {self.name!r} does not support a mask; choose a variant that does "
+                f"{self._who()} does not support a mask; choose a variant that does "
                 f"(e.g. 'softmax')"
             )
         if causal and not self.promises.supports_causal:
             raise AttentionError(
-                f"attention {self.name!r} does not support causal=True; choose a variant that "
+                f"{self._who()} does not support causal=True; choose a variant that "
                 f"does (e.g. 'softmax')"
             )
         resolved = self.resolve_options(options)
+        k = repeat_kv(k, q.shape[1])  # (batch, heads, seq_k, d): grouped heads shared out
+        v = repeat_kv(v, q.shape[1])  # (batch, heads, seq_k, d_v)
         try:
             result = self.fn(q, k, v, mask=mask, causal=causal, scale=scale, **resolved)
         except AttentionError:
             raise
         except Exception as err:
-            raise AttentionError(
-                f"attention {self.name!r} raised {type(err).__name__}: {err}"
-            ) from err
+            raise AttentionError(f"{self._who()} raised {type(err).__name__}: {err}") from err
         return self._checked(result, q, v)
 
     def _checked(self, result: Any, q: Any, v: Any) -> tuple[Any, Any]:
         """Check that the variant returned (output, weights) of the contract's shapes."""
         if not (isinstance(result, tuple) and len(result) == 2):
             raise AttentionError(
-                f"attention {self.name!r} must return (output, weights or None), "
-                f"got {type(result).__name__}"
+                f"{self._who()} must return (output, weights or None), got {type(result).__name__}"
             )
         output, weights = result
         batch, heads, seq_q, _ = q.shape
@@ -175,24 +223,31 @@ class AttentionVariant:
         if tuple(getattr(output, "shape", ())) != expected:
             got = tuple(getattr(output, "shape", ()))
             raise AttentionError(
-                f"attention {self.name!r} returned output of shape {got}; expected {expected} "
+                f"{self._who()} returned output of shape {got}; expected {expected} "
                 "(batch, heads, seq_q, d_v)"
             )
         if output.dtype != q.dtype:
             raise AttentionError(
-                f"attention {self.name!r} returned dtype {output.dtype} for {q.dtype} inputs"
+                f"{self._who()} returned dtype {output.dtype} for {q.dtype} inputs"
             )
         if weights is not None:
             w_expected = (batch, heads, seq_q, v.shape[2])
             if tuple(weights.shape) != w_expected:
                 raise AttentionError(
-                    f"attention {self.name!r} returned weights of shape {tuple(weights.shape)}; "
+                    f"{self._who()} returned weights of shape {tuple(weights.shape)}; "
                     f"expected {w_expected} (batch, heads, seq_q, seq_k)"
+                )
+            if weights.dtype != q.dtype:
+                raise AttentionError(
+                    f"{self._who()} returned weights of dtype {weights.dtype} for {q.dtype} inputs"
                 )
         return output, weights
 
 
 _REGISTRY: dict[str, AttentionVariant] = {}
+# The plugin being loaded right now (a file, module or entry point), so that the variants
+# it registers remember where they came from; None while the built-ins register.
+_LOADING: contextvars.ContextVar[str | None] = contextvars.ContextVar("_LOADING", default=None)
 
 
 def register_attention(
@@ -247,6 +302,10 @@ def register_attention(
                 "pass replace=True to replace it"
             )
         doc = (fn.__doc__ or "").strip().splitlines()
+        source = _LOADING.get()
+        if source is None:
+            module = getattr(fn, "__module__", "") or ""
+            source = "built-in" if module.startswith("tinytx.plugins.") else module
         _REGISTRY[name] = AttentionVariant(
             name=name,
             fn=fn,
@@ -254,6 +313,7 @@ def register_attention(
             paper=paper,
             promises=promises,
             options=dict(options or {}),
+            source=source,
         )
         return fn
 
@@ -266,18 +326,162 @@ def unregister_attention(name: str) -> None:
 
 
 def get_attention(name: str | AttentionVariant) -> AttentionVariant:
-    """The variant registered as ``name``; an unknown name lists the registered ones."""
+    """The variant registered as ``name``; an unknown name lists the registered ones.
+
+    A name nobody registered yet may belong to an installed plugin package: its entry
+    point (group ``tinytx.attention``) is loaded now, and only that one.
+    """
     if isinstance(name, AttentionVariant):
         return name
     variant = _REGISTRY.get(name)
+    if variant is None and isinstance(name, str):
+        for entry_point in _entry_points():
+            if entry_point.name == name:
+                _load_entry_point(entry_point)
+        variant = _REGISTRY.get(name)
     if variant is None:
         known = ", ".join(sorted(_REGISTRY)) or "none"
+        broken = _BROKEN.get(name)
+        why = f"its plugin failed to load ({broken}); " if broken else ""
         raise UnknownAttentionError(
-            f"unknown attention variant {name!r}; registered variants: {known}"
+            f"unknown attention variant {name!r}; {why}registered variants: {known}"
         )
     return variant
 
 
 def available_attention() -> dict[str, AttentionVariant]:
-    """Every registered variant by name, in name order."""
+    """Every registered variant by name, in name order (discovered plugins loaded first)."""
+    for entry_point in _entry_points():
+        if entry_point.name not in _REGISTRY:
+            _load_entry_point(entry_point)
     return dict(sorted(_REGISTRY.items()))
+
+
+# --- loading plugins ------------------------------------------------------------------
+
+_LOADED: dict[str, list[str]] = {}  # plugin key -> the variant names it registered
+_BROKEN: dict[str, str] = {}  # entry-point name -> why it was skipped
+
+
+def broken_plugins() -> dict[str, str]:
+    """Discovered entry points that failed to load and were skipped: name -> reason."""
+    return dict(_BROKEN)
+
+
+def _load_guarded(label: str, do_import: Callable[[], Any]) -> list[str]:
+    """Run ``do_import`` with ``label`` as the source of what it registers.
+
+    On any failure the registry is restored to what it was (a half-loaded plugin leaves
+    nothing behind) and a :class:`PluginError` naming the plugin is raised.
+    Returns the names the plugin registered.
+    """
+    before = dict(_REGISTRY)
+    token = _LOADING.set(label)
+    try:
+        do_import()
+    except BaseException as err:
+        _REGISTRY.clear()
+        _REGISTRY.update(before)
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise PluginError(
+            f"plugin {label} failed to load: {type(err).__name__}: {message}"
+        ) from err
+    finally:
+        _LOADING.reset(token)
+    return sorted(n for n in _REGISTRY if _REGISTRY[n] is not before.get(n))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith(".py") or os.sep in spec or "/" in spec or Path(spec).is_dir()
+
+
+def load_plugin(path_or_module: str | os.PathLike[str]) -> list[str]:
+    """Load a plugin: a Python file (``my_attention.py``), a folder holding an
+    ``__init__.py``, or an importable module (``my_package.attention``).
+
+    Importing it runs its ``@register_attention`` decorators. Returns the names of the
+    variants it registered. Loading the same plugin twice does nothing the second time.
+    Anything that goes wrong (missing file, an exception at import, a duplicate name)
+    raises :class:`PluginError` naming the plugin, and the registry is left as it was.
+    """
+    spec = os.fspath(path_or_module)
+    if not isinstance(spec, str) or not spec.strip():
+        raise PluginError(f"plugin: expected a file path or module name, got {spec!r}")
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser().resolve()
+        key = str(path)
+        if key in _LOADED:
+            return list(_LOADED[key])
+        if path.is_dir():
+            path = path / "__init__.py"
+        if not path.is_file():
+            raise PluginError(f"plugin {spec!r} failed to load: no such file {str(path)!r}")
+        names = _load_guarded(repr(spec), lambda: _import_file(path))
+    else:
+        key = spec
+        if key in _LOADED:
+            return list(_LOADED[key])
+        if importlib.util.find_spec(spec.split(".")[0]) is None:
+            raise PluginError(f"plugin {spec!r} failed to load: no module named {spec!r}")
+        names = _load_guarded(repr(spec), lambda: importlib.import_module(spec))
+    _LOADED[key] = names
+    return list(names)
+
+
+def _import_file(path: Path) -> None:
+    """Import the Python file at ``path`` as a module of its own."""
+    stem = path.parent.name if path.name == "__init__.py" else path.stem
+    module_name = f"tinytx_plugin_{stem}_{abs(hash(str(path))):x}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get("TINYTX_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in ("", "0")
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed entry points of group ``tinytx.attention`` (none when disabled)."""
+    if _autoload_disabled():
+        return []
+    try:
+        return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    except Exception as err:  # a corrupt installed distribution must not break tinytx
+        warnings.warn(
+            f"tinytx: cannot list attention plugins ({type(err).__name__}: {err})",
+            PluginWarning,
+            stacklevel=3,
+        )
+        return []
+
+
+def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> None:
+    """Load one discovered plugin; a broken one warns and is skipped (remembered as such)."""
+    name = entry_point.name
+    if name in _BROKEN or entry_point.value in _LOADED:
+        return
+    dist = getattr(entry_point, "dist", None)
+    origin = f" from {dist.name} {dist.version}" if dist is not None else ""
+    label = f"{name!r} (entry point {entry_point.value!r}{origin})"
+    try:
+        names = _load_guarded(label, entry_point.load)
+        if name not in _REGISTRY:
+            raise PluginError(
+                f"plugin {label} loaded but registered no attention variant named {name!r} "
+                f"(it registered: {', '.join(names) or 'nothing'})"
+            )
+    except PluginError as err:
+        _BROKEN[name] = str(err)
+        warnings.warn(f"tinytx: skipping {err}", PluginWarning, stacklevel=4)
+        return
+    _LOADED[entry_point.value] = names
