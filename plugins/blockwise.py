@@ -1,0 +1,127 @@
+"""``blockwise``: exact attention in key/value blocks with an online softmax.
+
+Milakov & Gimelshein 2018 (online softmax); Rabe & Staats 2021 (attention in O(sqrt n)
+memory); Dao et al. 2022 (FlashAttention). The result equals softmax attention
+
+    O = softmax(S) V,   S = Q K^T * scale,
+
+but S (seq_q x seq_k) is never stored. The keys are read a block of B at a time; each
+query row keeps a running maximum m, a running sum l and an unnormalised output a:
+
+    S_b    = Q K_b^T * scale                          scores against block b: (seq_q, B)
+    m'     = max(m, rowmax(S_b))
+    l      = l * exp(m - m') + rowsum(exp(S_b - m'))
+    a      = a * exp(m - m') + exp(S_b - m') V_b
+    m      = m'
+    O      = a / l                                    after the last block
+
+Multiplying by exp(m - m') rescales what was summed under the old maximum to the new
+one, so every exp() sees an argument <= 0 and cannot overflow. The queries are also
+taken a block at a time, so the extra memory is O(B^2) per head, not O(seq^2). The
+weights are never formed, so none are returned.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
+
+from tinytx.plugins.registry import Option, register_attention
+
+Array = Any
+
+
+def _block_of(mask: Array, rows: slice, cols: slice) -> Array:
+    """mask[..., rows, cols], keeping a broadcast (size 1) axis as it is."""
+    rows = slice(None) if mask.shape[-2] == 1 else rows
+    cols = slice(None) if mask.shape[-1] == 1 else cols
+    return mask[..., rows, cols]  # (.., rows or 1, cols or 1)
+
+
+@register_attention(
+    "blockwise",
+    description="Exact softmax attention, key/value blocks with an online softmax",
+    paper="Rabe & Staats 2021 (arXiv:2112.05682); Dao et al. 2022, FlashAttention "
+    "(arXiv:2205.14135); online softmax: Milakov & Gimelshein 2018 (arXiv:1805.02867)",
+    normalized=True,
+    permutation_equivariant=True,
+    exact=True,
+    supports_mask=True,
+    supports_causal=True,
+    options={
+        "block_size": Option(
+            int, 512, "keys and queries per block", check=lambda b: b > 0, rule="must be >= 1"
+        )
+    },
+)
+def blockwise_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    block_size: int = 512,
+) -> tuple[Array, None]:
+    """softmax(Q K^T * scale) V, one (query block, key block) tile at a time.
+
+    q: (batch, heads, seq_q, d); k, v: (batch, heads, seq_k, d / d_v)
+    -> (batch, heads, seq_q, d_v), None.
+    """
+    xp = array_namespace(q, k, v)
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    offset = seq_k - seq_q  # query i sits at position i + offset (see causal_mask)
+    blocks = []
+    for q0 in range(0, seq_q, block_size):
+        q1 = min(q0 + block_size, seq_q)
+        q_block = q[:, :, q0:q1, :] * scale  # (batch, heads, Bq, d)
+        # causal: this query block sees no key past its last query's position
+        k_end = min(seq_k, q1 + offset) if causal else seq_k
+        blocks.append(_query_block(q_block, k, v, mask, causal, q0, q1, offset, k_end, block_size))
+    return xp.concat(blocks, axis=2), None  # (batch, heads, seq_q, d_v)
+
+
+def _query_block(
+    q_block: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    causal: bool,
+    q0: int,
+    q1: int,
+    offset: int,
+    k_end: int,
+    block_size: int,
+) -> Array:
+    """Online softmax of one query block over the key blocks up to ``k_end``."""
+    xp = array_namespace(q_block)
+    dev = device_of(q_block)
+    batch, heads, rows = q_block.shape[0], q_block.shape[1], q_block.shape[2]
+    dtype = q_block.dtype
+    m = xp.full((batch, heads, rows, 1), -xp.inf, dtype=dtype, device=dev)  # running max
+    l = xp.zeros((batch, heads, rows, 1), dtype=dtype, device=dev)  # running sum
+    acc = xp.zeros((batch, heads, rows, v.shape[3]), dtype=dtype, device=dev)  # (b, h, Bq, d_v)
+    q_pos = xp.arange(q0 + offset, q1 + offset, device=dev)  # (Bq,) positions of the queries
+    for k0 in range(0, k_end, block_size):
+        k1 = min(k0 + block_size, k_end)
+        s = xp.matmul(q_block, xp.matrix_transpose(k[:, :, k0:k1, :]))  # (b, h, Bq, Bk)
+        allowed = None if mask is None else _block_of(mask, slice(q0, q1), slice(k0, k1))
+        if causal:
+            k_pos = xp.arange(k0, k1, device=dev)  # (Bk,)
+            before = k_pos[None, :] <= q_pos[:, None]  # (Bq, Bk)
+            allowed = before if allowed is None else xp.logical_and(allowed, before)
+        if allowed is not None:
+            s = xp.where(allowed, s, -xp.inf)  # (b, h, Bq, Bk)
+        m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))  # (b, h, Bq, 1)
+        m_safe = xp.where(xp.isfinite(m_new), m_new, 0.0)  # a row with nothing allowed yet
+        p = xp.exp(s - m_safe)  # (b, h, Bq, Bk), 0 where masked
+        rescale = xp.exp(m - m_safe)  # (b, h, Bq, 1), 0 on the first block
+        l = l * rescale + xp.sum(p, axis=-1, keepdims=True)  # (b, h, Bq, 1)
+        acc = acc * rescale + xp.matmul(p, v[:, :, k0:k1, :])  # (b, h, Bq, d_v)
+        m = m_new
+    return acc / xp.where(l > 0, l, 1.0)  # (b, h, Bq, d_v); a fully masked row stays 0

@@ -1,0 +1,80 @@
+"""``sigmoid``: sigmoid attention, each weight squashed on its own (no softmax).
+
+Ramapuram et al. 2024, "Theory, Analysis, and Best Practices for Sigmoid Self-Attention"
+(arXiv:2409.04431):
+
+    O = sigmoid(Q K^T * scale + b) V,    b = -log(n)
+
+with n the number of keys a query may attend to (seq_k without a mask). The bias keeps
+the total weight of a row near 1 at the start of training, as softmax's would be, but
+nothing forces the rows to sum to 1: this variant is **not normalized** and declares so.
+Each weight depends on its own score only, so there is no row-wise reduction (which is
+what makes it fast on accelerators). Masked keys get weight 0. We count n per query from
+the mask (and the causal flag), so padding a sequence leaves its real rows unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
+
+from tinytx.functional import causal_mask
+from tinytx.plugins.registry import register_attention
+
+Array = Any
+
+
+def stable_sigmoid(x: Array) -> Array:
+    """sigmoid(x) = 1 / (1 + exp(-x)), computed from exp(-|x|) so it never overflows."""
+    xp = array_namespace(x)
+    e = xp.exp(-xp.abs(x))  # (...) in (0, 1]
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # (...)
+
+
+@register_attention(
+    "sigmoid",
+    description="Sigmoid attention with bias -log(n); rows do not sum to 1",
+    paper="Ramapuram et al. 2024, Theory, Analysis, and Best Practices for Sigmoid "
+    "Self-Attention (arXiv:2409.04431)",
+    permutation_equivariant=True,
+    supports_mask=True,
+    supports_causal=True,
+    returns_weights=True,
+)
+def sigmoid_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Array, Array]:
+    """sigmoid(Q K^T * scale - log n) V, masked weights set to 0.
+
+    q: (batch, heads, seq_q, d); k, v: (batch, heads, seq_k, d / d_v)
+    -> (batch, heads, seq_q, d_v), weights (batch, heads, seq_q, seq_k).
+    """
+    xp = array_namespace(q, k, v)
+    seq_q, d, seq_k = q.shape[2], q.shape[3], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = xp.matmul(q * scale, xp.matrix_transpose(k))  # (batch, heads, seq_q, seq_k)
+    allowed = mask
+    if causal:
+        before = causal_mask(seq_q, seq_k, xp=xp, device=device_of(q))  # (seq_q, seq_k)
+        allowed = before if allowed is None else xp.logical_and(allowed, before)
+    if allowed is None:
+        return _weighted(stable_sigmoid(scores - math.log(seq_k)), v)
+    n = xp.sum(xp.astype(allowed, scores.dtype), axis=-1, keepdims=True)  # (.., seq_q, 1)
+    bias = -xp.log(xp.maximum(n, 1.0))  # (.., seq_q, 1)
+    weights = xp.where(allowed, stable_sigmoid(scores + bias), 0.0)  # (b, h, seq_q, seq_k)
+    return _weighted(weights, v)
+
+
+def _weighted(weights: Array, v: Array) -> tuple[Array, Array]:
+    """(weights V, weights).  weights: (b, h, seq_q, seq_k); v: (b, h, seq_k, d_v)."""
+    xp = array_namespace(weights, v)
+    return xp.matmul(weights, v), weights  # (batch, heads, seq_q, d_v)
