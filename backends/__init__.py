@@ -98,10 +98,12 @@ def _host(x: Any, dtype: Any = None) -> np.ndarray:
 def _make_numpy() -> Backend:
     import array_api_compat.numpy as xp
 
+    from tinytx.backends.numpy_natives import NATIVES
+
     def asarray(host: Any, dtype: Any = None) -> np.ndarray:
         return _host(host, dtype)
 
-    return Backend("numpy", xp, "cpu", asarray, to_numpy=np.asarray)
+    return Backend("numpy", xp, "cpu", asarray, to_numpy=np.asarray, natives=NATIVES)
 
 
 def _make_strict() -> Backend:

@@ -36,7 +36,11 @@ __all__ = [
 
 
 def _native(xp: Any, name: str) -> Any:
-    """The backend's own version of ``name`` for namespace ``xp``, or None (see backends)."""
+    """The backend's own version of ``name`` for namespace ``xp``, or None (see backends).
+
+    A native computes the same numbers as the definition below it, only faster; it may
+    return ``NotImplemented`` for an input it does not cover, and the definition runs.
+    """
     from tinytx.backends import native_function
 
     return native_function(xp, name)
@@ -54,6 +58,9 @@ def _require_float(x: Array, what: str) -> None:
 def relu(x: Array) -> Array:
     """ReLU(x) = max(x, 0), elementwise.  x: any shape -> same shape."""
     xp = array_namespace(x)
+    native = _native(xp, "relu")
+    if native is not None and (y := native(x)) is not NotImplemented:
+        return y
     return xp.maximum(x, xp.zeros_like(x))  # (...)
 
 
@@ -128,6 +135,9 @@ def softmax(x: Array, axis: int = -1, *, mask: Array | None = None) -> Array:
     """
     xp = array_namespace(x)
     _require_float(x, "softmax input")
+    native = _native(xp, "softmax")
+    if native is not None and (y := native(x, axis, mask=mask)) is not NotImplemented:
+        return y
     if mask is not None:
         x = xp.where(mask, x, -xp.inf)  # (...)
     row_max = xp.max(x, axis=axis, keepdims=True)  # (..., 1, ...)
@@ -148,6 +158,9 @@ def layer_norm(
     """
     xp = array_namespace(x)
     _require_float(x, "layer_norm input")
+    native = _native(xp, "layer_norm")
+    if native is not None and (y := native(x, weight, bias, eps)) is not NotImplemented:
+        return y
     mean = xp.mean(x, axis=-1, keepdims=True)  # (..., 1)
     centered = x - mean  # (..., d)
     var = xp.mean(centered * centered, axis=-1, keepdims=True)  # (..., 1)
@@ -175,6 +188,9 @@ def rms_norm(x: Array, weight: Array | None = None, eps: float = 1e-6) -> Array:
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
     """y = x W^T + b, PyTorch's layout.  x: (..., d_in); W: (d_out, d_in); b: (d_out,)."""
     xp = array_namespace(x, weight)
+    native = _native(xp, "linear")
+    if native is not None and (y := native(x, weight, bias)) is not NotImplemented:
+        return y
     y = xp.matmul(x, xp.matrix_transpose(weight))  # (..., d_out)
     return y if bias is None else y + bias
 
@@ -273,7 +289,8 @@ def scaled_dot_product_attention(
     v = repeat_kv(v, heads)  # (batch, heads, seq_k, d_v)
     if scale is None:
         scale = 1.0 / math.sqrt(d)  # a Python float: keeps float32 float32
-    scores = xp.matmul(q, xp.matrix_transpose(k)) * scale  # (batch, heads, seq_q, seq_k)
+    # Scaling q (seq_q * d numbers) costs less than scaling the scores (seq_q * seq_k).
+    scores = xp.matmul(q * scale, xp.matrix_transpose(k))  # (batch, heads, seq_q, seq_k)
     if causal:
         allowed = causal_mask(seq_q, seq_k, xp=xp, device=device_of(q))  # (seq_q, seq_k)
         mask = allowed if mask is None else xp.logical_and(mask, allowed)

@@ -1,0 +1,208 @@
+"""The NumPy backend's natives compute what tinytx.functional's definitions compute.
+
+Each test runs a function twice on the same input: once as the library runs it (the
+native), once with the natives switched off (the readable array-API definition), and
+compares. Block sizes are shrunk so that small inputs already take the threaded,
+many-block path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tinytx
+from tinytx import functional as F
+from tinytx.backends import numpy_natives
+
+NATIVE_NAMES = ("softmax", "layer_norm", "relu", "linear")
+DTYPES = (np.float32, np.float64)
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny blocks and no size threshold: every input is cut up and spread over threads."""
+    monkeypatch.setattr(numpy_natives, "_BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(numpy_natives, "_PARALLEL_MIN_ELEMENTS", 0)
+    before = numpy_natives.get_num_threads()
+    numpy_natives.set_num_threads(2)
+    yield
+    numpy_natives.set_num_threads(before)
+
+
+def definition(fn, *args, **kwargs):
+    """Call ``fn`` from tinytx.functional with every native switched off."""
+    saved = F._native
+    F._native = lambda xp, name: None
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        F._native = saved
+
+
+def both(fn, *args, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(native result, definition result) for the same call."""
+    return fn(*args, **kwargs), definition(fn, *args, **kwargs)
+
+
+def test_numpy_backend_lists_the_natives(numpy_backend: tinytx.Backend) -> None:
+    for name in NATIVE_NAMES:
+        assert numpy_backend.natives[name] is getattr(numpy_natives, name)
+        assert F._native(numpy_backend.xp, name) is getattr(numpy_natives, name)
+
+
+def test_functional_calls_the_native(numpy_backend: tinytx.Backend, monkeypatch) -> None:
+    calls = []
+    original = numpy_natives.softmax
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(numpy_backend.natives, "softmax", spy)
+    F.softmax(numpy_backend.asarray(np.zeros((2, 3), np.float32)))
+    assert calls == [(2, 3)]
+
+
+shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
+
+
+def random_array(seed: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * 3).astype(dtype)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_softmax_native_equals_definition(numpy_backend, shape, seed, dtype, data) -> None:
+    x = numpy_backend.asarray(random_array(seed, shape, dtype))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
+    native, reference = both(F.softmax, x, axis=axis)
+    assert native.dtype == reference.dtype == dtype
+    np.testing.assert_array_equal(native, reference)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_masked_softmax_native_equals_definition(numpy_backend, shape, seed, dtype, data) -> None:
+    x = numpy_backend.asarray(random_array(seed, shape, dtype))
+    # A mask broadcastable to x: some axes of length 1, some leading axes dropped.
+    mask_shape = tuple(data.draw(st.sampled_from([1, n]), label="mask axis") for n in shape)
+    mask_shape = mask_shape[data.draw(st.integers(0, len(shape) - 1), label="drop") :]
+    mask = np.random.default_rng(seed + 1).random(mask_shape) < 0.6
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
+    native, reference = both(F.softmax, x, axis=axis, mask=mask)
+    assert native.shape == reference.shape
+    np.testing.assert_array_equal(native, reference)
+    assert np.all(np.isfinite(native))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_rows_give_zeros(numpy_backend, dtype) -> None:
+    x = numpy_backend.asarray(random_array(0, (2, 3, 5, 7), dtype))
+    mask = np.ones((2, 1, 5, 7), dtype=bool)
+    mask[0, :, 1, :] = False  # row 1 of batch 0: nothing allowed
+    mask[1, :, :, :] = False  # all of batch 1
+    native, reference = both(F.softmax, x, mask=mask)
+    np.testing.assert_array_equal(native, reference)
+    assert np.all(native[0, :, 1, :] == 0) and np.all(native[1] == 0)
+    np.testing.assert_allclose(native[0, :, 0, :].sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_extreme_rows(numpy_backend, dtype) -> None:
+    rows = np.array(
+        [[-np.inf] * 4, [1e4, -1e4, 0.0, 1e4], [-np.inf, 0.0, -np.inf, 1.0], [np.inf, 0, 0, 0]],
+        dtype=dtype,
+    )
+    with np.errstate(invalid="ignore"):  # the +inf row is NaN in both, as defined
+        native, reference = both(F.softmax, numpy_backend.asarray(rows))
+    np.testing.assert_array_equal(native, reference)
+    assert np.all(native[0] == 0)
+    np.testing.assert_allclose(native[1], [0.5, 0.0, 0.0, 0.5])
+
+
+def test_softmax_mask_of_other_dtype_reads_nonzero_as_true(numpy_backend) -> None:
+    x = numpy_backend.asarray(random_array(3, (4, 6), np.float32))
+    mask = np.array([1, 0, 2, 0, 0, 5], dtype=np.int8)
+    native, reference = both(F.softmax, x, mask=mask)
+    np.testing.assert_array_equal(native, reference)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_layer_norm_native_equals_definition(numpy_backend, shape, seed, dtype, data) -> None:
+    x = numpy_backend.asarray(random_array(seed, shape, dtype))
+    d = shape[-1]
+    weight = random_array(seed + 1, (d,), dtype) if data.draw(st.booleans()) else None
+    bias = random_array(seed + 2, (d,), dtype) if data.draw(st.booleans()) else None
+    native, reference = both(F.layer_norm, x, weight, bias, eps=1e-5)
+    assert native.dtype == reference.dtype == dtype
+    np.testing.assert_array_equal(native, reference)
+
+
+def test_layer_norm_mixed_dtypes_fall_back_to_the_definition(numpy_backend) -> None:
+    x = numpy_backend.asarray(random_array(0, (3, 4), np.float32))
+    weight = random_array(1, (4,), np.float64)
+    assert numpy_natives.layer_norm(x, weight) is NotImplemented
+    native, reference = both(F.layer_norm, x, weight)
+    assert native.dtype == np.float64
+    np.testing.assert_array_equal(native, reference)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES))
+def test_relu_native_equals_definition(numpy_backend, shape, seed, dtype) -> None:
+    x = numpy_backend.asarray(random_array(seed, shape, dtype))
+    native, reference = both(F.relu, x)
+    assert native.dtype == dtype
+    np.testing.assert_array_equal(native, reference)
+
+
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple),
+    d_in=st.integers(1, 9),
+    d_out=st.integers(1, 9),
+    with_bias=st.booleans(),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_linear_native_equals_definition(
+    numpy_backend, lead, d_in, d_out, with_bias, transposed, seed, dtype
+) -> None:
+    x = random_array(seed, (*lead, d_in), dtype)
+    if transposed and x.ndim >= 2:  # a non-contiguous view with the same shape
+        x = np.swapaxes(random_array(seed, (*lead[:-1], d_in, lead[-1]), dtype), -1, -2)
+    weight = random_array(seed + 1, (d_out, d_in), dtype)
+    bias = random_array(seed + 2, (d_out,), dtype) if with_bias else None
+    native, reference = both(F.linear, x, weight, bias)
+    assert native.shape == reference.shape == (*lead, d_out)
+    assert native.dtype == dtype
+    # One matrix product instead of a loop of them may round differently in the last bit.
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(native, reference, rtol=tol, atol=tol)
+
+
+def test_attention_with_natives_equals_definition(numpy_backend) -> None:
+    q, k, v = (random_array(s, (2, 3, 5, 4), np.float32) for s in range(3))
+    mask = np.random.default_rng(9).random((2, 1, 5, 5)) < 0.5
+    mask[0, 0, 2, :] = False  # one query that may attend to nothing
+    (out, w), (out_ref, w_ref) = both(
+        F.scaled_dot_product_attention, q, k, v, mask=mask, causal=True
+    )
+    np.testing.assert_allclose(out, out_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-6, atol=1e-6)
+    assert np.all(w[0, :, 2, :] == 0) and np.all(out[0, :, 2, :] == 0)
+
+
+def test_one_thread_and_many_threads_agree(numpy_backend) -> None:
+    x = random_array(4, (3, 40, 33), np.float32)
+    numpy_natives.set_num_threads(3)
+    many = numpy_natives.softmax(x, mask=x > -1)
+    numpy_natives.set_num_threads(1)
+    one = numpy_natives.softmax(x, mask=x > -1)
+    np.testing.assert_array_equal(many, one)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_set_num_threads_rejects_bad_counts(bad) -> None:
+    with pytest.raises(ValueError, match="positive int"):
+        numpy_natives.set_num_threads(bad)
