@@ -1,0 +1,255 @@
+"""Benchmark: tinytx's encoder block and attention against PyTorch on the same inputs.
+
+- ``encoder``: a post-norm :class:`~tinytx.layers.EncoderBlock` (d_model 512, 8 heads,
+  d_ff 2048, ReLU) on (batch 8, seq 256) float32, against ``nn.TransformerEncoderLayer``
+  (batch_first, dropout 0, eval, ``torch.inference_mode``) carrying the same weights.
+- ``attn-8x256`` and ``attn-1x2048``: :func:`tinytx.functional.scaled_dot_product_attention`
+  at (batch, heads, seq, d) = (8, 8, 256, 64) and (1, 8, 2048, 64), against
+  ``torch.nn.functional.scaled_dot_product_attention``.
+
+Both sides get the same thread count, runs alternate, and the median of ``repeats`` runs
+after warm-up is reported with the ratio tinytx / torch and the largest absolute
+difference between the two outputs (a fast but wrong change shows up there). Without
+torch, tinytx's figures are printed alone.
+
+    python benchmarks/encoder.py [--backend numpy] [--threads N] [--repeats 7] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tinytx.bench.common import (
+    format_table,
+    machine_info,
+    set_threads,
+    time_alternating,
+    torch_or_none,
+    write_json,
+)
+
+__all__ = ["CASES", "main", "run"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One comparison: what it times, its target ratio and the output tolerance."""
+
+    name: str
+    what: str
+    target: float  # tinytx / torch time ratio to reach
+    tolerance: float  # largest allowed |tinytx - torch| on the output
+    build: Callable[[Any, Any], tuple[Callable[[], Any], Callable[[], Any] | None]]
+
+
+def _encoder_case(backend: Any, torch: Any) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
+    """(tinytx run, torch run) for the post-norm encoder block, same weights and input."""
+    from tinytx.layers import EncoderBlock
+
+    d_model, heads, d_ff, batch, seq = 512, 8, 2048, 8, 256
+    block = EncoderBlock(d_model, heads, d_ff, activation="relu", norm_first=False,
+                         backend=backend, seed=0)  # fmt: skip
+    host_x = np.random.default_rng(1).standard_normal((batch, seq, d_model), dtype=np.float32)
+    x = backend.asarray(host_x)
+
+    def ours() -> Any:
+        return block(x)
+
+    if torch is None:
+        return ours, None
+    layer = torch.nn.TransformerEncoderLayer(
+        d_model, heads, d_ff, dropout=0.0, activation="relu", batch_first=True, norm_first=False
+    ).eval()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in block.state_dict().items()}
+    layer.load_state_dict(state)
+    x_torch = torch.from_numpy(host_x)
+
+    def theirs() -> Any:
+        with torch.inference_mode():
+            return layer(x_torch)
+
+    return ours, theirs
+
+
+def _attention_case(shape: tuple[int, int, int, int]) -> Callable[..., Any]:
+    def build(backend: Any, torch: Any) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
+        from tinytx.functional import scaled_dot_product_attention
+
+        rng = np.random.default_rng(2)
+        host = [rng.standard_normal(shape, dtype=np.float32) for _ in range(3)]
+        q, k, v = (backend.asarray(a) for a in host)
+
+        def ours() -> Any:
+            return scaled_dot_product_attention(q, k, v)[0]
+
+        if torch is None:
+            return ours, None
+        q_t, k_t, v_t = (torch.from_numpy(a) for a in host)
+
+        def theirs() -> Any:
+            with torch.inference_mode():
+                return torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t)
+
+        return ours, theirs
+
+    return build
+
+
+CASES = {
+    case.name: case
+    for case in (
+        Case("encoder", "EncoderBlock post-norm 512/8/2048 relu, x (8, 256, 512)",
+             1.0, 1e-4, _encoder_case),
+        Case("attn-8x256", "scaled_dot_product_attention q,k,v (8, 8, 256, 64)",
+             1.5, 1e-5, _attention_case((8, 8, 256, 64))),
+        Case("attn-1x2048", "scaled_dot_product_attention q,k,v (1, 8, 2048, 64)",
+             1.5, 1e-5, _attention_case((1, 8, 2048, 64))),
+    )
+}  # fmt: skip
+
+
+def run(
+    backend_name: str = "numpy",
+    threads: int | None = None,
+    repeats: int = 7,
+    *,
+    warmup: int = 2,
+    pause: float = 0.2,
+    cases: Sequence[str] | None = None,
+    use_torch: bool = True,
+) -> dict[str, Any]:
+    """Time the chosen cases (all by default) and return the results as a dict.
+
+    ``threads`` sets BLAS, tinytx's element-wise pool and torch to that many threads
+    (None: their defaults). Each result row has the medians in milliseconds, the ratio
+    tinytx / torch, whether the target is met, and the largest output difference.
+    """
+    import tinytx
+
+    backend = tinytx.get_backend(backend_name)
+    thread_report = set_threads(threads)
+    torch = torch_or_none() if use_torch else None
+    chosen = list(CASES) if cases is None else list(cases)
+    unknown = [name for name in chosen if name not in CASES]
+    if unknown:
+        raise ValueError(f"unknown case(s) {unknown}; expected some of: {', '.join(CASES)}")
+
+    rows = []
+    for name in chosen:
+        case = CASES[name]
+        ours, theirs = case.build(backend, torch)
+        contenders = {"tinytx": ours} if theirs is None else {"tinytx": ours, "torch": theirs}
+        timings = time_alternating(
+            contenders, repeats=repeats, warmup=warmup, pause=pause, sync=backend.synchronize
+        )
+        row: dict[str, Any] = {
+            "case": name,
+            "what": case.what,
+            "tinytx_ms": timings["tinytx"].median * 1e3,
+            "tinytx_runs_ms": [t * 1e3 for t in timings["tinytx"].seconds],
+        }
+        if theirs is not None:
+            diff = float(np.max(np.abs(backend.to_numpy(ours()) - theirs().numpy())))
+            ratio = timings["tinytx"].median / timings["torch"].median
+            row.update(
+                torch_ms=timings["torch"].median * 1e3,
+                torch_runs_ms=[t * 1e3 for t in timings["torch"].seconds],
+                ratio=ratio,
+                target=case.target,
+                target_met=ratio <= case.target,
+                max_abs_diff=diff,
+                tolerance=case.tolerance,
+                outputs_agree=diff <= case.tolerance,
+            )
+        rows.append(row)
+    return {
+        "benchmark": "encoder",
+        "backend": backend.name,
+        "threads": thread_report,
+        "repeats": repeats,
+        "warmup": warmup,
+        "pause_s": pause,
+        "torch": torch is not None,
+        "machine": machine_info(),
+        "results": rows,
+    }
+
+
+def format_results(result: dict[str, Any]) -> str:
+    """The table printed by :func:`main`."""
+    rows = []
+    for r in result["results"]:
+        row = dict(r)
+        if "ratio" in r:
+            row["target"] = f"<= {r['target']}x " + ("met" if r["target_met"] else "MISSED")
+            row["agree"] = "ok" if r["outputs_agree"] else f"WRONG (tol {r['tolerance']:g})"
+        rows.append(row)
+    columns = ["case", "tinytx_ms"]
+    if result["torch"]:
+        columns += ["torch_ms", "ratio", "target", "max_abs_diff", "agree"]
+    machine = result["machine"]
+    header = (
+        f"backend {result['backend']}, threads {result['threads']}, median of "
+        f"{result['repeats']} alternating runs after {result['warmup']} warm-up, "
+        f"{result['pause_s']} s rest before each run\n"
+        f"{machine['processor']}, {machine['cpus']} cpus, numpy {machine['numpy']}, "
+        f"torch {machine.get('torch', 'not installed')}, BLAS {machine.get('blas', '?')}"
+    )
+    return header + "\n" + format_table(rows, columns)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/encoder.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--backend", default="numpy", help="tinytx backend (default numpy)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for BLAS, tinytx and torch (default: library defaults)",
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per side (7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (2)")
+    parser.add_argument(
+        "--pause", type=float, default=0.2, help="seconds of rest before each timed run (0.2)"
+    )
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=list(CASES),
+        dest="cases",
+        help="run only this case (repeatable; default all)",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="time tinytx alone")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return parser  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: print the table, optionally write JSON. Exit status 0, or 1 when
+    an output disagrees with torch's (a wrong result is never a speed-up)."""
+    args = _parser().parse_args(argv)
+    import tinytx
+
+    try:
+        result = run(args.backend, args.threads, args.repeats, warmup=args.warmup,
+                     pause=args.pause, cases=args.cases, use_torch=not args.no_torch)  # fmt: skip
+    except (ValueError, tinytx.BackendUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_results(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    wrong = [r["case"] for r in result["results"] if r.get("outputs_agree") is False]
+    if wrong:
+        print(f"error: tinytx and torch disagree on {', '.join(wrong)}", file=sys.stderr)
+        return 1
+    return 0
