@@ -178,6 +178,91 @@ def demo(ctx: click.Context, layer: int, head: int, attention: str, color: bool 
     )
 
 
+# --- generate -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    help="A Hugging Face GPT-2 folder: config.json, model.safetensors, tokenizer.json.",
+)
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, default=40, show_default=True, help="How many.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens.")
+@click.option("--top-p", type=float, default=None, help="Sample from the nucleus, 0 < p <= 1.")
+@click.option(
+    "--seed",
+    "sampling_seed",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Seed of the sampling RNG (default: tinytx --seed).",
+)
+@click.option("--no-cache", is_flag=True, help="Recompute the whole sequence at every step.")
+@click.option(
+    "--stop/--no-stop",
+    default=True,
+    show_default=True,
+    help="Stop at the model's end-of-text token (eos_token_id in config.json).",
+)
+@click.option(
+    "--attention", default="softmax", show_default=True, help="Attention variant (see plugins)."
+)
+@click.pass_context
+def generate(
+    ctx: click.Context,
+    model_path: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    sampling_seed: int | None,
+    no_cache: bool,
+    stop: bool,
+    attention: str,
+) -> None:
+    """Continue PROMPT with a GPT-2 model, printing the tokens as they come."""
+    import time
+
+    from tinytx.generate import GenerationError, check_sampling, load_text_model
+    from tinytx.pretrained import CheckpointError
+
+    attention = _attention_name(attention)
+    backend = _backend(ctx)
+    seed = _seed(ctx) if sampling_seed is None else sampling_seed
+    try:
+        check_sampling(temperature, top_k, top_p)
+        text_model = load_text_model(model_path, backend=backend, attention=attention)
+        pieces = text_model.stream(
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_token=text_model.eos_token_id if stop else None,
+            use_cache=not no_cache,
+        )
+    except (GenerationError, CheckpointError) as err:
+        raise CommandError(str(err)) from None
+    start, tokens = time.perf_counter(), 0
+    click.echo(prompt, nl=False)
+    for piece in pieces:  # one piece of text per generated token
+        click.echo(piece, nl=False)  # echo flushes: each piece shows as soon as it exists
+        tokens += 1
+    seconds = time.perf_counter() - start
+    click.echo()
+    cache = "off" if no_cache else "on"
+    rate = tokens / max(seconds, 1e-9)
+    click.echo(
+        f"[{tokens} tokens in {seconds:.2f} s ({rate:.1f}/s), {backend.name}, cache {cache}]",
+        err=True,
+    )
+
+
 # --- benchmarks (scripts in benchmarks/ call the same functions) -------------------------
 
 

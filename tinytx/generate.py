@@ -29,7 +29,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GenerationError", "Step", "check_sampling", "generate", "sample_next", "stream"]
+__all__ = [
+    "GenerationError",
+    "Step",
+    "TextModel",
+    "check_sampling",
+    "generate",
+    "load_text_model",
+    "sample_next",
+    "stream",
+    "stream_text",
+]
 
 
 class GenerationError(ValueError):
@@ -167,28 +177,39 @@ def stream(
     stop_token: int | None = None,
     use_cache: bool = True,
 ) -> Iterator[Step]:
-    """Generate token by token, yielding a :class:`Step` as soon as each token is chosen.
-
-    Arguments as in :func:`generate`. Every argument is checked before the first step.
+    """Generate token by token: an iterator of :class:`Step`, one as soon as each token is
+    chosen. Arguments as in :func:`generate`; they are all checked here, before any step.
     """
     check_sampling(temperature, top_k, top_p)
     host, _ = _prompt_to_host(model, ids)
     _check_prompt(model, host, max_new_tokens, stop_token)
-    if max_new_tokens == 0:
-        return
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    return _steps(model, host, max_new_tokens, sampling, seed, stop_token, use_cache)
+
+
+def _steps(
+    model: Any,
+    prompt: np.ndarray,
+    max_new_tokens: int,
+    sampling: dict[str, Any],
+    seed: int,
+    stop_token: int | None,
+    use_cache: bool,
+) -> Iterator[Step]:
+    """The generation loop (arguments already checked). prompt: (batch, seq) host ids."""
     rng = np.random.default_rng(seed)
     backend = model.backend
-    batch, seq = host.shape
-    cache = model.new_cache(batch, seq + max_new_tokens) if use_cache else None
-    tokens = host  # (batch, seq + generated so far), host
-    model_input = host  # what the model reads next: the prompt, then one token (cache)
+    batch, seq = prompt.shape
+    cache = model.new_cache(batch, seq + max_new_tokens) if use_cache and max_new_tokens else None
+    tokens = prompt  # (batch, seq + generated so far), host
+    model_input = prompt  # what the model reads next: the prompt, then one token (cache)
     finished = np.zeros(batch, dtype=bool)
     for position in range(seq, seq + max_new_tokens):
         if cache is None:
             model_input = tokens  # no cache: the whole sequence, every step
         logits = model(backend.asarray(model_input, dtype="int64"), cache=cache, last_only=True)
         last = np.asarray(backend.to_numpy(logits))[:, 0, :]  # (batch, vocab)
-        chosen = sample_next(last, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+        chosen = sample_next(last, rng, **sampling)  # (batch,)
         if stop_token is not None:
             chosen = np.where(finished, stop_token, chosen)  # finished rows repeat the stop
             finished |= chosen == stop_token
@@ -197,6 +218,79 @@ def stream(
         yield Step(position, chosen, last)
         if stop_token is not None and finished.all():
             return
+
+
+def stream_text(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, **options: Any
+) -> Iterator[str]:
+    """Continue ``prompt`` and yield the new text piece by piece, as the tokens come.
+
+    ``tokenizer`` is a ``tokenizers.Tokenizer`` (anything with ``encode(text).ids`` and
+    ``decode(ids)``); ``options`` as in :func:`generate`, checked before the first piece.
+    One piece per generated token; a byte-level token may hold part of a character, whose
+    text is held back (an empty piece) until the character is complete.
+    """
+    ids = tokenizer.encode(prompt).ids
+    steps = stream(model, [ids], max_new_tokens, **options)
+    return _text_pieces(tokenizer, steps)
+
+
+def _text_pieces(tokenizer: Any, steps: Iterator[Step]) -> Iterator[str]:
+    new: list[int] = []
+    shown = ""
+    for step in steps:
+        new.append(int(step.tokens[0]))
+        text = tokenizer.decode(new)
+        if text.endswith("\ufffd") or len(text) <= len(shown):  # a partial character
+            yield ""  # (or an invisible token such as end-of-text): nothing to show yet
+            continue
+        yield text[len(shown) :]
+        shown = text
+
+
+@dataclass
+class TextModel:
+    """A GPT and its tokenizer from one Hugging Face folder (see :func:`load_text_model`)."""
+
+    model: Any
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_token_id: int | None  # the end-of-text token of config.json, if it has one
+
+    def stream(self, prompt: str, max_new_tokens: int, **options: Any) -> Iterator[str]:
+        """:func:`stream_text` with this model and tokenizer."""
+        return stream_text(self.model, self.tokenizer, prompt, max_new_tokens, **options)
+
+
+def load_text_model(path: Any, *, backend: Any = None, attention: str = "softmax") -> TextModel:
+    """Load a GPT-2 folder (config.json, model.safetensors, tokenizer.json) for generation.
+
+    Raises :class:`~tinytx.pretrained.CheckpointError` for a folder that is not one.
+    """
+    from pathlib import Path
+
+    from tinytx.models.gpt import GPT
+    from tinytx.pretrained import CheckpointError, load_pretrained, read_config
+
+    folder = Path(path)
+    config = read_config(folder)
+    model = load_pretrained(folder, backend=backend, attention=attention)
+    if not isinstance(model, GPT):
+        raise CheckpointError(
+            f"{folder} holds a {config.get('model_type')!r} model; generation needs a GPT "
+            "(model_type 'gpt2')"
+        )
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CheckpointError(f"{folder} has no tokenizer.json: cannot turn text into tokens")
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as err:  # tokenizers raises its own Exception subclass
+        raise CheckpointError(f"cannot read {tokenizer_file}: {err}") from None
+    eos = config.get("eos_token_id")
+    eos = eos if isinstance(eos, int) and 0 <= eos < model.config.vocab_size else None
+    return TextModel(model, tokenizer, eos)
 
 
 def generate(
