@@ -149,7 +149,8 @@ class AttentionVariant:
     paper: str = ""
     promises: Promises = field(default_factory=Promises)
     options: Mapping[str, Option] = field(default_factory=dict)
-    source: str = ""  # "built-in", or the plugin (file, module, entry point) it came from
+    source: str = ""  # "built-in", the plugin (file, module, entry point), or "module m"
+    from_plugin: bool = False  # loaded by load_plugin or from an entry point
 
     @property
     def builtin(self) -> bool:
@@ -158,7 +159,7 @@ class AttentionVariant:
 
     def _who(self) -> str:
         """How error messages name this variant: ``attention 'x'`` plus its plugin."""
-        if not self.source or self.builtin:
+        if not self.from_plugin:
             return f"attention {self.name!r}"
         return f"attention {self.name!r} (plugin {self.source})"
 
@@ -303,9 +304,10 @@ def register_attention(
             )
         doc = (fn.__doc__ or "").strip().splitlines()
         source = _LOADING.get()
+        from_plugin = source is not None
         if source is None:
             module = getattr(fn, "__module__", "") or ""
-            source = "built-in" if module.startswith("tinytx.plugins.") else module
+            source = "built-in" if module.startswith("tinytx.plugins.") else f"module {module}"
         _REGISTRY[name] = AttentionVariant(
             name=name,
             fn=fn,
@@ -314,6 +316,7 @@ def register_attention(
             promises=promises,
             options=dict(options or {}),
             source=source,
+            from_plugin=from_plugin,
         )
         return fn
 
@@ -471,8 +474,8 @@ def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> None:
     if name in _BROKEN or entry_point.value in _LOADED:
         return
     dist = getattr(entry_point, "dist", None)
-    origin = f" from {dist.name} {dist.version}" if dist is not None else ""
-    label = f"{name!r} (entry point {entry_point.value!r}{origin})"
+    origin = f"{dist.name} {dist.version}, " if dist is not None else ""
+    label = f"{origin}entry point {name} = {entry_point.value}"
     try:
         names = _load_guarded(label, entry_point.load)
         if name not in _REGISTRY:

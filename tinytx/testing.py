@@ -437,7 +437,9 @@ def _extract_weights(subject: _Subject, backend: Backend, case: AttentionCase, h
     return out  # (batch, heads, seq_q, seq_k)
 
 
-def _check_rows(w: np.ndarray, allowed: np.ndarray, what: str) -> None:
+def _check_rows(w: np.ndarray, allowed: np.ndarray, free: np.ndarray, what: str) -> None:
+    """w >= 0, 0 on masked keys, rows summing to 1 (0 when fully masked); a row marked
+    in ``free`` (a padding query) may also be left empty by the variant's own rules."""
     rtol, atol = _tolerance(w.dtype)
     if np.any(w < -atol):
         where = tuple(int(i) for i in np.argwhere(w < -atol)[0])
@@ -447,6 +449,7 @@ def _check_rows(w: np.ndarray, allowed: np.ndarray, what: str) -> None:
         raise AssertionError(f"{what}: weight {w[where]:.3g} on a masked key at index {where}")
     sums = np.sum(w.astype(np.float64), axis=-1)  # (batch, heads, seq_q)
     want = np.any(allowed, axis=-1).astype(np.float64)  # 1, or 0 for a fully masked row
+    want = np.where(free & (np.abs(sums) <= atol), 0.0, want)  # an empty padding row is fine
     _assert_close(
         sums.astype(w.dtype),
         want.astype(w.dtype),
@@ -454,15 +457,26 @@ def _check_rows(w: np.ndarray, allowed: np.ndarray, what: str) -> None:
     )
 
 
+def _padding_queries(case: AttentionCase) -> np.ndarray:
+    """(batch, 1, seq_q) boolean: queries at padding positions (position >= length).
+    A variant with rules of its own (a window) may leave their rows empty."""
+    s = case.shape
+    positions = np.arange(s.seq_k - s.seq_q, s.seq_k)  # (seq_q,) the queries' positions
+    if case.lengths is None:
+        return np.zeros((s.batch, 1, s.seq_q), dtype=bool)
+    lengths = np.asarray(case.lengths)[:, None, None]  # (batch, 1, 1)
+    return positions[None, None, :] >= lengths  # (batch, 1, seq_q)
+
+
 def _prop_normalized(subject: _Subject, backend: Backend, case: AttentionCase) -> None:
     host = case.host()
     allowed = _allowed_host(case, host)
+    free = _padding_queries(case)
     _, weights = _run(subject, backend, host, case.causal)
     if weights is not None:
-        _check_rows(weights, allowed, "returned weights")
-    _check_rows(
-        _extract_weights(subject, backend, case, host), allowed, "weights used (output for V = I)"
-    )
+        _check_rows(weights, allowed, free, "returned weights")
+    used = _extract_weights(subject, backend, case, host)
+    _check_rows(used, allowed, free, "weights used (output for V = I)")
 
 
 def _prop_permutation(subject: _Subject, backend: Backend, case: AttentionCase) -> None:
