@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -38,14 +39,40 @@ def _seed(ctx: click.Context) -> int:
     return ctx.find_root().params.get("seed") or 0
 
 
-def _attention_name(name: str) -> str:
+def _attention_name(name: str, param_hint: str = "'--attention'") -> str:
     """Check an attention variant name against the registry (usage error if unknown)."""
     from tinytx.plugins import UnknownAttentionError, get_attention
 
     try:
         return get_attention(name).name
     except UnknownAttentionError as err:
-        raise click.BadParameter(str(err), param_hint="'--attention'") from None
+        raise click.BadParameter(str(err), param_hint=param_hint) from None
+
+
+def _show_plugin_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    """A skipped third-party plugin: one line on stderr (other warnings as usual)."""
+    from tinytx.plugins import PluginWarning
+
+    if isinstance(category, type) and issubclass(category, PluginWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _SHOW_WARNING(message, category, *args, **kwargs)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
+def _load_plugins(specs: tuple[str, ...]) -> None:
+    """--plugin: load each file or module now; a broken one is a one-line error, exit 1."""
+    if not specs:
+        return
+    from tinytx.plugins import PluginError, load_plugin
+
+    for spec in specs:
+        try:
+            load_plugin(spec)
+        except PluginError as err:
+            raise CommandError(str(err)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,9 +88,23 @@ def _attention_name(name: str) -> str:
 @click.option(
     "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for weights."
 )
+@click.option(
+    "--plugin",
+    "plugin_specs",
+    multiple=True,
+    metavar="PATH_OR_MODULE",
+    help="Load an attention plugin first: a .py file or a module (repeatable).",
+)
 @click.version_option(tinytx.__version__, prog_name="tinytx")
-def cli(backend: str, seed: int) -> None:
+def cli(backend: str, seed: int, plugin_specs: tuple[str, ...]) -> None:
     """tinytx: a transformer you can read, on NumPy, CuPy or array-api-strict."""
+    warnings.showwarning = _show_plugin_warning
+    click.get_current_context().call_on_close(_restore_warnings)
+    _load_plugins(plugin_specs)
+
+
+def _restore_warnings() -> None:
+    warnings.showwarning = _SHOW_WARNING
 
 
 # --- info and plugins --------------------------------------------------------------------
@@ -94,14 +135,100 @@ def info() -> None:
 
 @cli.command()
 def plugins() -> None:
-    """List the registered attention variants, one line each."""
-    from tinytx.plugins import available_attention
+    """List the attention variants: description, promises, paper, options, origin."""
+    from tinytx.plugins import available_attention, broken_plugins
 
     for name, variant in available_attention().items():
         promises = ", ".join(variant.promises.names()) or "no promises"
         click.echo(f"{name:<16} {variant.description}  [{promises}]")
         if variant.paper:
             click.echo(f"{'':<16} paper: {variant.paper}")
+        for opt_name, spec in variant.options.items():
+            helptext = f"  ({spec.help})" if spec.help else ""
+            click.echo(
+                f"{'':<16} option: {opt_name}={spec.default!r} ({spec.type.__name__}){helptext}"
+            )
+        if not variant.builtin:
+            click.echo(f"{'':<16} from: {variant.source}")
+    for name, reason in broken_plugins().items():
+        click.echo(f"{name:<16} SKIPPED: {reason}")
+
+
+def _parse_options(variant: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
+    """--option KEY=VALUE pairs -> typed option values (usage error when malformed)."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="'--option'")
+        spec = variant.options.get(key)
+        if spec is None:
+            known = ", ".join(variant.options) or "none"
+            raise click.BadParameter(
+                f"attention {variant.name!r} has no option {key!r}; its options: {known}",
+                param_hint="'--option'",
+            )
+        try:
+            if spec.type is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                parsed[key] = text.lower() in ("true", "1")
+            else:
+                parsed[key] = spec.type(text)
+        except ValueError:
+            raise click.BadParameter(
+                f"option {key!r} of {variant.name!r} must be {spec.type.__name__}, got {text!r}",
+                param_hint="'--option'",
+            ) from None
+    return parsed
+
+
+@cli.command("check-plugin")
+@click.argument("name")
+@click.option(
+    "--option",
+    "-o",
+    "option_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An option of the variant, e.g. -o window=2 (repeatable).",
+)
+@click.option(
+    "--max-examples",
+    type=click.IntRange(min=1),
+    default=25,
+    show_default=True,
+    help="Hypothesis examples per property.",
+)
+@click.pass_context
+def check_plugin(
+    ctx: click.Context, name: str, option_pairs: tuple[str, ...], max_examples: int
+) -> None:
+    """Run the conformance kit on attention variant NAME (on the chosen backend).
+
+    Prints each property with its result and, for a failure, hypothesis's shrunk
+    counter-example. Exit code 1 when a property fails.
+    """
+    from tinytx.plugins import AttentionError, get_attention
+
+    try:
+        from tinytx.testing import check_attention
+    except ImportError as err:
+        raise CommandError(str(err)) from None
+    name = _attention_name(name, param_hint="'NAME'")
+    backend = _backend(ctx)
+    options = _parse_options(get_attention(name), option_pairs)
+    try:
+        report = check_attention(name, backend, options=options, max_examples=max_examples)
+    except AttentionError as err:
+        raise CommandError(str(err)) from None
+    click.echo(report.table())
+    if not report.passed:
+        raise CommandError(
+            f"attention {name!r} failed {len(report.failed)} of "
+            f"{len(report.results) - len(report.skipped)} properties on {backend.name}: "
+            + ", ".join(report.failed)
+        )
 
 
 # --- demo -----------------------------------------------------------------------------------
@@ -269,6 +396,52 @@ def generate(
 @cli.group()
 def bench() -> None:
     """Benchmarks: print a table, write JSON. Compare with the named peer as a ratio."""
+
+
+@bench.command("attention")
+@click.option(
+    "--seq",
+    "seqs",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Sequence length (repeatable; default 256 512 1024 2048 4096 8192).",
+)
+@click.option(
+    "--variant", "variants", multiple=True, help="Variant to time (repeatable; default all)."
+)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="BLAS/tinytx threads.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
+@click.pass_context
+def bench_attention(
+    ctx: click.Context,
+    seqs: tuple[int, ...],
+    variants: tuple[str, ...],
+    repeats: int,
+    warmup: int,
+    threads: int | None,
+    json_path: str | None,
+) -> None:
+    """Time every attention variant and record its peak memory (batch 1, 8 heads, d 64)."""
+    from tinytx.bench.attention import DEFAULT_SEQS, format_results, run
+    from tinytx.bench.common import write_json
+
+    names = [_attention_name(v, param_hint="'--variant'") for v in variants]
+    backend = _backend(ctx)
+    result = run(
+        backend.name,
+        seqs=seqs or DEFAULT_SEQS,
+        variants=names or None,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    click.echo(format_results(result))
+    if json_path:
+        write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
 
 
 # --- entry point ----------------------------------------------------------------------------
