@@ -28,8 +28,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NATIVES", "get_num_threads", "layer_norm", "linear", "relu", "set_num_threads",
-           "softmax"]  # fmt: skip
+__all__ = [
+    "NATIVES",
+    "get_num_threads",
+    "layer_norm",
+    "linear",
+    "relu",
+    "scaled_dot_product_attention",
+    "set_num_threads",
+    "softmax",
+]
 
 # A block of about this many elements (256 KiB of float32) stays in a core's L2 cache.
 _BLOCK_ELEMENTS = 1 << 16
@@ -124,37 +132,84 @@ def _as_rows(x: np.ndarray) -> np.ndarray:
 # --- the natives ---------------------------------------------------------------------
 
 
-def softmax(x: np.ndarray, axis: int = -1, *, mask: np.ndarray | None = None) -> np.ndarray:
-    """Same as :func:`tinytx.functional.softmax`; x (and mask) any shape -> broadcast shape."""
-    if mask is not None and mask.dtype != np.bool_:
-        mask = mask.astype(np.bool_)  # where() reads any nonzero value as True
-    shape = x.shape if mask is None else np.broadcast_shapes(x.shape, mask.shape)
-    out = np.empty(shape, dtype=x.dtype)
-    x_rows = _as_rows(np.moveaxis(np.broadcast_to(x, shape), axis, -1))  # (..., rows, n)
-    out_rows = _as_rows(np.moveaxis(out, axis, -1))  # (..., rows, n), a view of out
-    mask_rows = None
-    if mask is not None:
-        mask_rows = _as_rows(np.moveaxis(np.broadcast_to(mask, shape), axis, -1))
-    neg_inf = x.dtype.type(-np.inf)
+def _softmax_rows(out: np.ndarray, x: np.ndarray, mask: np.ndarray | None) -> None:
+    """out = softmax(where(mask, x, -inf)) along the last axis; x may be out itself.
+
+    out, x, mask: (..., rows, n), mask boolean or None. The steps of the definition, on
+    one cache-sized block of rows at a time.
+    """
+    neg_inf = out.dtype.type(-np.inf)
+    in_place = x is out
 
     def work(block: tuple[Any, ...]) -> None:
-        o = out_rows[block]  # (r, n)
-        if mask_rows is None:
-            np.copyto(o, x_rows[block])
-        else:
-            np.copyto(o, neg_inf)
-            np.copyto(o, x_rows[block], where=mask_rows[block])  # where(mask, x, -inf)
-        row_max = np.max(o, axis=-1, keepdims=True)  # (r, 1)
+        o, logits = out[block], x[block]  # (r, n)
+        if mask is not None:
+            if not in_place:
+                np.copyto(o, logits)
+            np.copyto(o, neg_inf, where=~mask[block])  # where(mask, x, -inf)
+            logits = o
+        row_max = np.max(logits, axis=-1, keepdims=True)  # (r, 1)
         row_max[~np.isfinite(row_max)] = 0  # an all -inf row has max -inf
-        np.subtract(o, row_max, out=o)
+        np.subtract(logits, row_max, out=o)
         np.exp(o, out=o)  # exactly 0 where x was -inf
         total = np.sum(o, axis=-1, keepdims=True)  # (r, 1)
         total[~(total > 0)] = 1  # all-masked row: 0 / 1 = 0
         np.divide(o, total, out=o)
 
     if out.size:
-        _for_each_block(work, out_rows)
+        _for_each_block(work, out)
+
+
+def _bool(mask: np.ndarray | None) -> np.ndarray | None:
+    """where() reads any nonzero mask value as True; so do we."""
+    return mask if mask is None or mask.dtype == np.bool_ else mask.astype(np.bool_)
+
+
+def softmax(x: np.ndarray, axis: int = -1, *, mask: np.ndarray | None = None) -> np.ndarray:
+    """Same as :func:`tinytx.functional.softmax`; x (and mask) any shape -> broadcast shape."""
+    mask = _bool(mask)
+    shape = x.shape if mask is None else np.broadcast_shapes(x.shape, mask.shape)
+    out = np.empty(shape, dtype=x.dtype)
+
+    def rows(a: np.ndarray) -> np.ndarray:  # (..., rows, n) view, the softmax axis last
+        return _as_rows(np.moveaxis(a, axis, -1))
+
+    def broadcast_rows(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else rows(np.broadcast_to(a, shape))
+
+    _softmax_rows(rows(out), broadcast_rows(x), broadcast_rows(mask))
     return out
+
+
+def scaled_dot_product_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Same as :func:`tinytx.functional.scaled_dot_product_attention` (inputs already
+    checked there), with the softmax computed in place in the scores' buffer: one
+    (batch, heads, seq_q, seq_k) array is made instead of two.
+    """
+    from tinytx.functional import causal_mask, repeat_kv
+
+    heads, seq_q, d = q.shape[1:]
+    seq_k = k.shape[2]
+    k = repeat_kv(k, heads)  # (batch, heads, seq_k, d)
+    v = repeat_kv(v, heads)  # (batch, heads, seq_k, d_v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    weights = np.matmul(q * scale, np.swapaxes(k, -1, -2))  # (batch, heads, seq_q, seq_k)
+    mask = _bool(mask)
+    if causal:
+        allowed = causal_mask(seq_q, seq_k, xp=np)  # (seq_q, seq_k)
+        mask = allowed if mask is None else np.logical_and(mask, allowed)
+    if mask is not None:
+        mask = np.broadcast_to(mask, weights.shape)  # (batch, heads, seq_q, seq_k)
+    _softmax_rows(weights, weights, mask)  # scores -> weights, in place
+    return np.matmul(weights, v), weights  # (batch, heads, seq_q, d_v), weights
 
 
 def layer_norm(
@@ -226,6 +281,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
 
 NATIVES: dict[str, Callable[..., Any]] = {
     "softmax": softmax,
+    "scaled_dot_product_attention": scaled_dot_product_attention,
     "layer_norm": layer_norm,
     "relu": relu,
     "linear": linear,

@@ -17,7 +17,7 @@ import tinytx
 from tinytx import functional as F
 from tinytx.backends import numpy_natives
 
-NATIVE_NAMES = ("softmax", "layer_norm", "relu", "linear")
+NATIVE_NAMES = ("softmax", "layer_norm", "relu", "linear", "scaled_dot_product_attention")
 DTYPES = (np.float32, np.float64)
 
 
@@ -206,3 +206,23 @@ def test_one_thread_and_many_threads_agree(numpy_backend) -> None:
 def test_set_num_threads_rejects_bad_counts(bad) -> None:
     with pytest.raises(ValueError, match="positive int"):
         numpy_natives.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_native_equals_definition(numpy_backend, causal, dtype) -> None:
+    q = random_array(0, (2, 4, 6, 3), dtype)
+    k, v = (random_array(s, (2, 2, 7, 3), dtype) for s in (1, 2))  # grouped-query: 2 kv heads
+    mask = np.random.default_rng(5).random((2, 1, 1, 7)) < 0.7
+    mask[1] = False  # batch 1 may attend to nothing
+    for m in (None, mask):
+        (out, w), (out_ref, w_ref) = both(
+            F.scaled_dot_product_attention, q, k, v, mask=m, causal=causal, scale=0.3
+        )
+        assert out.dtype == w.dtype == dtype
+        tol = 1e-6 if dtype == np.float32 else 1e-13
+        np.testing.assert_allclose(out, out_ref, rtol=tol, atol=tol)
+        np.testing.assert_allclose(w, w_ref, rtol=tol, atol=tol)
+        assert np.all(np.isfinite(w))
+        if m is not None:
+            assert np.all(w[1] == 0) and np.all(out[1] == 0)

@@ -283,6 +283,9 @@ def scaled_dot_product_attention(
     """
     check_attention_inputs(q, k, v, mask)
     xp = array_namespace(q, k, v)
+    native = _native(xp, "scaled_dot_product_attention")
+    if native is not None and (out := native(q, k, v, mask, causal, scale)) is not NotImplemented:
+        return out
     heads, seq_q, d = q.shape[1], q.shape[2], q.shape[3]
     seq_k = k.shape[2]
     k = repeat_kv(k, heads)  # (batch, heads, seq_k, d)

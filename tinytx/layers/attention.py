@@ -134,9 +134,16 @@ class MultiHeadAttention(Module):
                     f"got {tuple(value.shape)}"
                 )
         d, d_kv = self.d_model, self.d_kv
-        q = split_heads(self._project(x, 0, d), self.n_heads)  # (batch, heads, seq_q, d_head)
-        k = split_heads(self._project(context, d, d + d_kv), self.n_kv_heads)  # (b, h_kv, s_k, d_h)
-        v = split_heads(self._project(context, d + d_kv, d + 2 * d_kv), self.n_kv_heads)  # same
+        if context is x:  # self-attention: one matrix product makes q, k and v together
+            qkv = self._project(x, 0, d + 2 * d_kv)  # (batch, seq, d_model + 2 d_kv)
+            q_flat, k_flat, v_flat = qkv[..., :d], qkv[..., d : d + d_kv], qkv[..., d + d_kv :]
+        else:
+            q_flat = self._project(x, 0, d)  # (batch, seq_q, d_model)
+            k_flat = self._project(context, d, d + d_kv)  # (batch, seq_k, d_kv)
+            v_flat = self._project(context, d + d_kv, d + 2 * d_kv)  # (batch, seq_k, d_kv)
+        q = split_heads(q_flat, self.n_heads)  # (batch, heads, seq_q, d_head)
+        k = split_heads(k_flat, self.n_kv_heads)  # (batch, heads_kv, seq_k, d_head)
+        v = split_heads(v_flat, self.n_kv_heads)  # (batch, heads_kv, seq_k, d_head)
         offset = 0 if cache is None else cache.length  # positions already cached
         if self.rotary is not None:
             q = self.rotary(q, offset)  # (batch, heads, seq_q, d_head)
