@@ -25,6 +25,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from tinytx import functional as F
 from tinytx import init
 from tinytx.backends import Backend, resolve_backend
 from tinytx.layers.basic import ACTIVATIONS, Embedding, Linear
@@ -267,8 +268,7 @@ class GPT(Module):
 
     def _tied_head(self, x: Array) -> Array:
         """logits = x E^T, the token embedding read backwards.  (..., d) -> (..., vocab)."""
-        xp = array_namespace(x)
-        return xp.matmul(x, xp.matrix_transpose(self.token_embedding.weight))  # (..., vocab)
+        return F.linear(x, self.token_embedding.weight)  # (..., vocab)
 
     def generate(self, ids: Any, max_new_tokens: int, **options: Any) -> Any:
         """``ids`` with ``max_new_tokens`` generated tokens appended; see

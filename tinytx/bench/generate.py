@@ -1,0 +1,258 @@
+"""Benchmark: GPT generation speed, with and without the KV cache, against transformers.
+
+A GPT-2-small-shaped model (12 layers, 12 heads, width 768, vocabulary 50257, context
+1024) with random weights, batch 1, float32, greedy decoding. For each context c (64 to
+1024) the prompt holds c - 32 tokens and 32 tokens are generated, so the last one stands
+at position c - 1:
+
+- ``cached``: tinytx's ``generate`` with the cache: tokens/s over the whole call (prompt
+  included, as transformers is timed) and the decode time per token after the prompt;
+- ``no cache``: the same with ``use_cache=False`` (every step re-runs the whole sequence):
+  time per token, over a few tokens only (it is slow);
+- ``transformers``: ``GPT2LMHeadModel.generate`` (greedy, its own cache, 32 new tokens)
+  carrying the same weights, with the same thread count, timed in alternation with
+  tinytx's cached run. Both must produce the same tokens.
+
+Targets: the cached per-token time grows at most linearly with the context; at 1024 the
+cache is at least 10x faster than recomputing; at context 64, tinytx's cached tokens/s
+are at least 2x transformers'. On a machine shared with other work the absolute numbers
+move; trust the side-by-side ratios.
+
+    python benchmarks/generate.py [--backend numpy] [--threads 2] [--contexts 64 1024 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tinytx.bench.common import format_table, machine_info, set_threads, write_json
+
+__all__ = ["CONTEXTS", "main", "run"]
+
+CONTEXTS = (64, 128, 256, 512, 1024)
+N_NEW = 32
+
+
+def _transformers_or_none() -> Any:
+    try:
+        import torch  # noqa: F401
+        import transformers
+    except ImportError:
+        return None
+    return transformers
+
+
+def build_models(backend: Any, use_transformers: bool = True) -> tuple[Any, Any]:
+    """(tinytx GPT, transformers GPT2LMHeadModel or None) holding the same random weights."""
+    from tinytx.models.gpt import GPT, GPTConfig, gpt2_config, gpt2_state_dict
+
+    transformers = _transformers_or_none() if use_transformers else None
+    if transformers is None:
+        return GPT(GPTConfig(), backend=backend, seed=0), None
+    import torch
+
+    torch.manual_seed(0)
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    config = gpt2_config(theirs.config.to_dict())
+    tensors = {name: t.detach().numpy() for name, t in theirs.state_dict().items()}
+    ours = GPT(config, backend=backend, seed=0)
+    ours.load_state_dict(gpt2_state_dict(tensors, config))
+    return ours, theirs
+
+
+def _time(fn: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _tinytx_cached(model: Any, prompt: np.ndarray, n_new: int) -> tuple[float, float, Any]:
+    """(seconds for the whole call, decode seconds per token after the first, tokens)."""
+    from tinytx.generate import stream
+
+    backend = model.backend
+    stamps, tokens = [time.perf_counter()], []
+    for step in stream(model, prompt, n_new):
+        backend.synchronize()
+        stamps.append(time.perf_counter())
+        tokens.append(int(step.tokens[0]))
+    decode = (stamps[-1] - stamps[1]) / max(n_new - 1, 1)
+    return stamps[-1] - stamps[0], decode, tokens
+
+
+def _tinytx_uncached(model: Any, prompt: np.ndarray, n_new: int) -> float:
+    """Seconds per token when every step recomputes the whole sequence."""
+    from tinytx.generate import stream
+
+    stamps = [time.perf_counter()]
+    for _ in stream(model, prompt, n_new, use_cache=False):
+        model.backend.synchronize()
+        stamps.append(time.perf_counter())
+    return statistics.median(np.diff(stamps))
+
+
+def _transformers_generate(model: Any, prompt: np.ndarray, n_new: int) -> tuple[float, Any]:
+    import torch
+
+    ids = torch.from_numpy(prompt)
+    with torch.inference_mode():
+        seconds, out = _time(
+            lambda: model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        )
+    return seconds, out[0, prompt.shape[1] :].tolist()
+
+
+def run(
+    backend_name: str = "numpy",
+    threads: int | None = 2,
+    contexts: Sequence[int] = CONTEXTS,
+    *,
+    repeats: int = 3,
+    uncached_tokens: int = 3,
+    use_transformers: bool = True,
+) -> dict[str, Any]:
+    """Time generation at each context; return the rows and the targets as a dict."""
+    import tinytx
+
+    backend = tinytx.get_backend(backend_name)
+    thread_report = set_threads(threads)
+    ours, theirs = build_models(backend, use_transformers)
+    rng = np.random.default_rng(0)
+    rows = []
+    for context in contexts:
+        if not N_NEW < context <= ours.config.context_length:
+            raise ValueError(f"contexts must lie in ({N_NEW}, {ours.config.context_length}]")
+        prompt = rng.integers(0, ours.config.vocab_size, size=(1, context - N_NEW))
+        _tinytx_cached(ours, prompt, 2)  # warm-up
+        if theirs is not None:
+            _transformers_generate(theirs, prompt, 2)
+        totals, decodes, hf_totals = [], [], []
+        for _ in range(repeats):  # alternate: a burst of load elsewhere hits both
+            total, decode, tokens = _tinytx_cached(ours, prompt, N_NEW)
+            totals.append(total)
+            decodes.append(decode)
+            if theirs is not None:
+                hf_seconds, hf_tokens = _transformers_generate(theirs, prompt, N_NEW)
+                hf_totals.append(hf_seconds)
+        short = prompt[:, : context - uncached_tokens]  # ends at the same position
+        uncached = _tinytx_uncached(ours, short, uncached_tokens)
+        row: dict[str, Any] = {
+            "context": context,
+            "prompt": prompt.shape[1],
+            "cached_tok_s": N_NEW / statistics.median(totals),
+            "cached_ms_per_token": statistics.median(decodes) * 1e3,
+            "uncached_ms_per_token": uncached * 1e3,
+        }
+        row["cache_speedup"] = row["uncached_ms_per_token"] / row["cached_ms_per_token"]
+        if theirs is not None:
+            row["transformers_tok_s"] = N_NEW / statistics.median(hf_totals)
+            row["tinytx_over_transformers"] = row["cached_tok_s"] / row["transformers_tok_s"]
+            row["same_tokens"] = sum(a == b for a, b in zip(tokens, hf_tokens, strict=True))
+        rows.append(row)
+        print(format_table([row], list(row)), file=sys.stderr)  # progress
+    return {
+        "benchmark": "generate",
+        "backend": backend.name,
+        "threads": thread_report,
+        "repeats": repeats,
+        "new_tokens": N_NEW,
+        "transformers": None if theirs is None else _transformers_or_none().__version__,
+        "machine": machine_info(),
+        "results": rows,
+        "targets": _targets(rows),
+    }
+
+
+def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each target with the measured value and whether it is met (None: not measured)."""
+    by_context = {r["context"]: r for r in rows}
+    growth = [
+        (b["cached_ms_per_token"] / a["cached_ms_per_token"]) / (b["context"] / a["context"])
+        for a, b in zip(rows, rows[1:], strict=False)
+    ]
+    targets: dict[str, Any] = {
+        "cached time per token grows at most linearly (worst growth / context growth <= 1)": (
+            max(growth) if growth else None
+        ),
+    }
+    speedup = by_context.get(1024, {}).get("cache_speedup")
+    targets["cache speed-up at 1024 >= 10x"] = speedup
+    vs = by_context.get(64, {}).get("tinytx_over_transformers")
+    targets["cached tok/s at 64 >= 2x transformers"] = vs
+    met = {
+        "cached time per token grows at most linearly (worst growth / context growth <= 1)": (
+            None if not growth else max(growth) <= 1.0
+        ),
+        "cache speed-up at 1024 >= 10x": None if speedup is None else speedup >= 10,
+        "cached tok/s at 64 >= 2x transformers": None if vs is None else vs >= 2,
+    }
+    return {name: {"value": targets[name], "met": met[name]} for name in targets}
+
+
+def format_results(result: dict[str, Any]) -> str:
+    """The table and the targets, as printed by :func:`main`."""
+    columns = ["context", "prompt", "cached_tok_s", "cached_ms_per_token",
+               "uncached_ms_per_token", "cache_speedup"]  # fmt: skip
+    if result["transformers"]:
+        columns += ["transformers_tok_s", "tinytx_over_transformers", "same_tokens"]
+    machine = result["machine"]
+    lines = [
+        f"GPT-2 small shape, random weights, batch 1, float32, greedy, {result['new_tokens']} "
+        f"new tokens; backend {result['backend']}, threads {result['threads']['requested']}, "
+        f"median of {result['repeats']} alternating runs",
+        f"{machine['processor']}, {machine['cpus']} cpus, numpy {machine['numpy']}, "
+        f"transformers {result['transformers'] or 'not installed'}",
+        format_table(result["results"], columns),
+        "targets:",
+    ]
+    for name, target in result["targets"].items():
+        value = "-" if target["value"] is None else f"{target['value']:.3g}"
+        state = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        lines.append(f"  {name}: {value} ({state})")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/generate.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--backend", default="numpy", help="tinytx backend (default numpy)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for BLAS, tinytx, torch")
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (3)")
+    parser.add_argument("--no-transformers", action="store_true", help="time tinytx alone")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: print the table and the targets; optionally write JSON."""
+    args = _parser().parse_args(argv)
+    import tinytx
+
+    try:
+        result = run(args.backend, args.threads, args.contexts, repeats=args.repeats,
+                     use_transformers=not args.no_transformers)  # fmt: skip
+    except (ValueError, tinytx.BackendUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_results(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
