@@ -444,6 +444,48 @@ def bench_attention(
         click.echo(f"wrote {json_path}")
 
 
+@bench.command("generate")
+@click.option(
+    "--context",
+    "contexts",
+    type=click.IntRange(min=33, max=1024),
+    multiple=True,
+    help="Context length (repeatable; default 64 128 256 512 1024).",
+)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Same for both."
+)
+@click.option("--no-transformers", is_flag=True, help="Time tinytx alone.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
+@click.pass_context
+def bench_generate(
+    ctx: click.Context,
+    contexts: tuple[int, ...],
+    repeats: int,
+    threads: int,
+    no_transformers: bool,
+    json_path: str | None,
+) -> None:
+    """GPT-2-small-shaped generation, cache on/off, against transformers' generate."""
+    from tinytx.bench.common import write_json
+    from tinytx.bench.generate import CONTEXTS, format_results, run
+
+    backend = _backend(ctx)
+    result = run(
+        backend.name,
+        threads,
+        contexts or CONTEXTS,
+        repeats=repeats,
+        use_transformers=not no_transformers,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    click.echo(format_results(result))
+    if json_path:
+        write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 

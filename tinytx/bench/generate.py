@@ -27,7 +27,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,8 +125,13 @@ def run(
     repeats: int = 3,
     uncached_tokens: int = 3,
     use_transformers: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Time generation at each context; return the rows and the targets as a dict."""
+    """Time generation at each context; return the rows and the targets as a dict.
+
+    ``threads``: BLAS, tinytx's element-wise pool and torch all get that many (None: their
+    defaults). ``progress`` receives a line per context as it is measured.
+    """
     import tinytx
 
     backend = tinytx.get_backend(backend_name)
@@ -164,7 +169,9 @@ def run(
             row["tinytx_over_transformers"] = row["cached_tok_s"] / row["transformers_tok_s"]
             row["same_tokens"] = sum(a == b for a, b in zip(tokens, hf_tokens, strict=True))
         rows.append(row)
-        print(format_table([row], list(row)), file=sys.stderr)  # progress
+        if progress is not None:
+            progress(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in row.items()))  # fmt: skip
     return {
         "benchmark": "generate",
         "backend": backend.name,
@@ -247,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = run(args.backend, args.threads, args.contexts, repeats=args.repeats,
-                     use_transformers=not args.no_transformers)  # fmt: skip
+                     use_transformers=not args.no_transformers,
+                     progress=lambda line: print(line, file=sys.stderr))  # fmt: skip
     except (ValueError, tinytx.BackendUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
