@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tinytx
 from tinytx.generate import GenerationError, check_sampling, generate, sample_next, stream
-from tinytx.layers.kv_cache import KVCache, LayerKVCache
+from tinytx.layers.kv_cache import KVCache, LayerKVCache, format_bytes
 from tinytx.models import GPT, GPTConfig
 from tinytx.plugins import available_attention
 
@@ -126,6 +126,8 @@ def test_kv_cache_shapes_and_memory(backend):
     assert cache.length == 7 and tuple(cache[1].keys.shape) == (2, 2, 7, 4)
     text = cache.describe()
     assert "7 of 10 positions" in text and "(2, 2, 7, 4)" in text
+    assert "total: 2.5 KiB allocated for 10 positions" in text  # 2560 bytes
+    assert format_bytes(75_497_472) == "72.0 MiB" and format_bytes(512) == "512 B"
     assert "KVCache(layers=2, length=7/10" in repr(cache)
 
 

@@ -24,7 +24,15 @@ from tinytx.backends import Backend, resolve_backend
 
 Array = Any
 
-__all__ = ["KVCache", "LayerKVCache"]
+__all__ = ["KVCache", "LayerKVCache", "format_bytes"]
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB', 75497472 -> '72.0 MiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -161,14 +169,14 @@ class KVCache:
         for i, layer in enumerate(self.layers):
             lines.append(
                 f"  layer {i:>2}: keys {tuple(layer.keys.shape)}  values "
-                f"{tuple(layer.values.shape)}  {layer.nbytes / 2**20:.3f} MiB"
+                f"{tuple(layer.values.shape)}  buffers {format_bytes(layer.nbytes)}"
             )
-        lines.append(f"  total: {self.nbytes / 2**20:.3f} MiB (allocated for {self.max_len})")
+        lines.append(f"  total: {format_bytes(self.nbytes)} allocated for {self.max_len} positions")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         shape = tuple(self.layers[0].key_buffer.shape)
         return (
             f"KVCache(layers={len(self.layers)}, length={self.length}/{self.max_len}, "
-            f"buffers 2 x {shape} per layer, {self.nbytes / 2**20:.2f} MiB)"
+            f"buffers 2 x {shape} per layer, {format_bytes(self.nbytes)})"
         )
