@@ -286,6 +286,8 @@ def test_result_kinds(backend):
     assert backend.owns(on_backend) and tuple(on_backend.shape) == (1, 7)
     np.testing.assert_array_equal(backend.to_numpy(on_backend)[0], one)
     np.testing.assert_array_equal(generate(model, [[1, 2, 3]], 0), [[1, 2, 3]])
+    flat = generate(model, backend.asarray(np.array([1, 2, 3]), dtype="int64"), 2)
+    assert backend.owns(flat) and tuple(flat.shape) == (5,)  # the rank it came with
 
 
 def test_last_only_is_the_last_row(backend):
@@ -309,6 +311,7 @@ def test_last_only_is_the_last_row(backend):
         ([-1, 2], {}, r"token ids must lie in \[0, 30\)"),
         ([1.5, 2.0], {}, "token ids must be integers"),
         ([[[1]]], {}, r"shape \(seq,\) or \(batch, seq\)"),
+        ([[1, 2], [3]], {}, "rows of one length"),
         (list(range(25)), {}, "the prompt has 25 tokens but the model reads at most 24"),
         ([1] * 20, {"max_new_tokens": 5}, "ask for at most 4 new tokens"),
         ([1], {"max_new_tokens": -1}, "max_new_tokens must be >= 0"),

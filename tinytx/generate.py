@@ -23,6 +23,7 @@ logits, at a cost that grows with the length.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,14 +63,16 @@ class Step:
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise GenerationError unless temperature >= 0, top_k >= 1 and 0 < top_p <= 1."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise GenerationError(f"temperature must be a number >= 0, got {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
         raise GenerationError(f"top_k must be an int >= 1 (or None), got {top_k!r}")
     if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0)
+        isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0
     ):
         raise GenerationError(f"top_p must lie in (0, 1] (or be None), got {top_p!r}")
 
@@ -113,13 +116,16 @@ def sample_next(
     return tokens  # (batch,)
 
 
-def _prompt_to_host(model: Any, ids: Any) -> tuple[np.ndarray, str]:
+def _prompt_to_host(model: Any, ids: Any) -> tuple[np.ndarray, tuple[bool, int]]:
     """The prompt as a host (batch, seq) int64 array, and how to give the result back:
-    ``"backend"`` (an array on the model's backend), ``"numpy2d"`` or ``"numpy1d"``."""
-    if model.backend.owns(ids):
-        host, kind = np.asarray(model.backend.to_numpy(ids)), "backend"
-    else:
-        host, kind = np.asarray(ids), "numpy"
+    (on the model's backend?, the rank the ids came with)."""
+    on_backend = model.backend.owns(ids)
+    try:
+        host = np.asarray(model.backend.to_numpy(ids) if on_backend else ids)
+    except (TypeError, ValueError):
+        raise GenerationError(
+            "token ids must be a (seq,) or (batch, seq) array of ints, with rows of one length"
+        ) from None
     if host.size == 0:
         raise GenerationError("the prompt is empty: give at least one token")
     if not np.issubdtype(host.dtype, np.integer):
@@ -128,9 +134,7 @@ def _prompt_to_host(model: Any, ids: Any) -> tuple[np.ndarray, str]:
         raise GenerationError(
             f"token ids must have shape (seq,) or (batch, seq), got {tuple(host.shape)}"
         )
-    if kind == "numpy":
-        kind = f"numpy{host.ndim}d"
-    return np.atleast_2d(host).astype(np.int64), kind
+    return np.atleast_2d(host).astype(np.int64), (on_backend, host.ndim)
 
 
 def _check_prompt(model: Any, host: np.ndarray, max_new_tokens: int, stop_token: Any) -> None:
@@ -317,13 +321,13 @@ def generate(
     the whole sequence at every step (same tokens, slower). The prompt plus the new tokens
     must fit in the model's context.
     """
-    host, kind = _prompt_to_host(model, ids)
+    host, (on_backend, ndim) = _prompt_to_host(model, ids)
     steps = stream(
         model, host, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed, stop_token=stop_token, use_cache=use_cache,
     )  # fmt: skip
     new = [step.tokens[:, None] for step in steps]  # each (batch, 1)
     result = np.concatenate([host, *new], axis=1)  # (batch, seq + generated)
-    if kind == "backend":
-        return model.backend.asarray(result, dtype="int64")
-    return result[0] if kind == "numpy1d" else result
+    if ndim == 1:
+        result = result[0]  # (seq + generated,), as the prompt came
+    return model.backend.asarray(result, dtype="int64") if on_backend else result
