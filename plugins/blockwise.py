@@ -17,8 +17,9 @@ query row keeps a running maximum m, a running sum l and an unnormalised output 
 
 Multiplying by exp(m - m') rescales what was summed under the old maximum to the new
 one, so every exp() sees an argument <= 0 and cannot overflow. The queries are also
-taken a block at a time, so the extra memory is O(B^2) per head, not O(seq^2). The
-weights are never formed, so none are returned.
+taken a block at a time, so the extra memory is O(B^2) per head, not O(seq^2) (plus
+the output, written block by block into its place). The weights are never formed, so
+none are returned.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _block_of(mask: Array, rows: slice, cols: slice) -> Array:
     supports_causal=True,
     options={
         "block_size": Option(
-            int, 512, "keys and queries per block", check=lambda b: b > 0, rule="must be >= 1"
+            int, 256, "keys and queries per block", check=lambda b: b > 0, rule="must be >= 1"
         )
     },
 )
@@ -65,7 +66,7 @@ def blockwise_attention(
     mask: Array | None = None,
     causal: bool = False,
     scale: float | None = None,
-    block_size: int = 512,
+    block_size: int = 256,
 ) -> tuple[Array, None]:
     """softmax(Q K^T * scale) V, one (query block, key block) tile at a time.
 
@@ -76,14 +77,16 @@ def blockwise_attention(
     seq_q, seq_k = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     offset = seq_k - seq_q  # query i sits at position i + offset (see causal_mask)
-    blocks = []
+    shape = (q.shape[0], q.shape[1], seq_q, v.shape[3])
+    out = xp.zeros(shape, dtype=q.dtype, device=device_of(q))  # (batch, heads, seq_q, d_v)
     for q0 in range(0, seq_q, block_size):
         q1 = min(q0 + block_size, seq_q)
         q_block = q[:, :, q0:q1, :] * scale  # (batch, heads, Bq, d)
         # causal: this query block sees no key past its last query's position
         k_end = min(seq_k, q1 + offset) if causal else seq_k
-        blocks.append(_query_block(q_block, k, v, mask, causal, q0, q1, offset, k_end, block_size))
-    return xp.concat(blocks, axis=2), None  # (batch, heads, seq_q, d_v)
+        tile = _query_block(q_block, k, v, mask, causal, q0, q1, offset, k_end, block_size)
+        out[:, :, q0:q1, :] = tile  # (batch, heads, Bq, d_v)
+    return out, None
 
 
 def _query_block(
@@ -109,19 +112,39 @@ def _query_block(
     q_pos = xp.arange(q0 + offset, q1 + offset, device=dev)  # (Bq,) positions of the queries
     for k0 in range(0, k_end, block_size):
         k1 = min(k0 + block_size, k_end)
-        s = xp.matmul(q_block, xp.matrix_transpose(k[:, :, k0:k1, :]))  # (b, h, Bq, Bk)
         allowed = None if mask is None else _block_of(mask, slice(q0, q1), slice(k0, k1))
         if causal:
             k_pos = xp.arange(k0, k1, device=dev)  # (Bk,)
             before = k_pos[None, :] <= q_pos[:, None]  # (Bq, Bk)
             allowed = before if allowed is None else xp.logical_and(allowed, before)
-        if allowed is not None:
-            s = xp.where(allowed, s, -xp.inf)  # (b, h, Bq, Bk)
-        m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))  # (b, h, Bq, 1)
-        m_safe = xp.where(xp.isfinite(m_new), m_new, 0.0)  # a row with nothing allowed yet
-        p = xp.exp(s - m_safe)  # (b, h, Bq, Bk), 0 where masked
-        rescale = xp.exp(m - m_safe)  # (b, h, Bq, 1), 0 on the first block
-        l = l * rescale + xp.sum(p, axis=-1, keepdims=True)  # (b, h, Bq, 1)
-        acc = acc * rescale + xp.matmul(p, v[:, :, k0:k1, :])  # (b, h, Bq, d_v)
-        m = m_new
+        m, l, acc = _online_step(q_block, k[:, :, k0:k1, :], v[:, :, k0:k1, :], allowed, m, l, acc)
     return acc / xp.where(l > 0, l, 1.0)  # (b, h, Bq, d_v); a fully masked row stays 0
+
+
+def _online_step(
+    q_block: Array,
+    k_block: Array,
+    v_block: Array,
+    allowed: Array | None,
+    m: Array,
+    l: Array,
+    acc: Array,
+) -> tuple[Array, Array, Array]:
+    """Fold one key block into the running max m, sum l and output acc of a query block.
+
+    q_block: (b, h, Bq, d), already scaled; k_block, v_block: (b, h, Bk, d / d_v);
+    allowed: None or boolean, broadcastable to (b, h, Bq, Bk); m, l: (b, h, Bq, 1);
+    acc: (b, h, Bq, d_v). The tile-sized temporaries die when this function returns.
+    """
+    xp = array_namespace(q_block)
+    s = xp.matmul(q_block, xp.matrix_transpose(k_block))  # (b, h, Bq, Bk)
+    if allowed is not None:
+        s = xp.where(allowed, s, -xp.inf)  # (b, h, Bq, Bk)
+    m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))  # (b, h, Bq, 1)
+    m_safe = xp.where(xp.isfinite(m_new), m_new, 0.0)  # a row with nothing allowed yet
+    s -= m_safe  # in place: one tile-sized temporary fewer
+    p = xp.exp(s)  # (b, h, Bq, Bk), 0 where masked
+    rescale = xp.exp(m - m_safe)  # (b, h, Bq, 1), 0 on the first block
+    l = l * rescale + xp.sum(p, axis=-1, keepdims=True)  # (b, h, Bq, 1)
+    acc = acc * rescale + xp.matmul(p, v_block)  # (b, h, Bq, d_v)
+    return m_new, l, acc

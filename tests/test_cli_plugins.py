@@ -69,7 +69,7 @@ def test_plugins_shows_description_paper_promises_and_options():
     for name in BUILTIN_VARIANTS:
         assert any(line.startswith(f"{name} ") for line in out.splitlines()), name
     assert "paper: Katharopoulos et al. 2020" in out
-    assert "option: window=4 (int)" in out and "option: block_size=512 (int)" in out
+    assert "option: window=4 (int)" in out and "option: block_size=256 (int)" in out
     sigmoid = next(line for line in out.splitlines() if line.startswith("sigmoid "))
     assert "normalized" not in sigmoid and "permutation_equivariant" in sigmoid
 

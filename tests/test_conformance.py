@@ -77,7 +77,7 @@ def test_every_registered_variant_passes_the_kit(backend, name):
     ],
 )
 def test_variants_pass_the_kit_with_small_blocks_chunks_and_windows(name, options):
-    """With the kit's short sequences the default block (512) is one block: small ones
+    """With the kit's short sequences the default block (256) is one block: small ones
     exercise the online-softmax rescaling and the chunked prefix sums."""
     props = ["shape_dtype", "causal_no_leak", "padding_invariance", "exact_softmax", "normalized"]
     check_attention(name, "numpy", options=options, properties=props).assert_passed()
