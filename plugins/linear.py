@@ -1,6 +1,6 @@
 """``linear``: kernelized linear attention with the elu+1 feature map.
 
-Katharopoulos et al. 2020, "Transformers are RNNs" (arXiv:2006.16236), eqs. 4-9.
+Katharopoulos et al. 2020, "Transformers are RNNs" (arXiv:2006.16236), sections 3.2-3.3.
 Replace the similarity exp(q . k) by phi(q) . phi(k) with phi(x) = elu(x) + 1 > 0:
 
     O_i = phi(Q_i)^T S / (phi(Q_i)^T z),   S = sum_j phi(K_j) V_j^T  (d x d_v),
@@ -10,10 +10,10 @@ S and z are computed once, so time and memory grow as O(seq), not O(seq^2). The
 weights phi(Q_i) . phi(K_j) / (phi(Q_i)^T z) are non-negative and sum to 1 over j,
 but they are never formed (none are returned).
 
-Causal: query i may only use S_i = sum_{j<=i} phi(K_j) V_j^T, a prefix sum (eq. 9,
-the "RNN" view). We take the prefix sums a chunk of C positions at a time: the state
-before a chunk is a cumulative sum over the chunks before it, and inside the chunk the
-(C x C) causal products are done directly. ``chunk=1`` is the textbook prefix sum one
+Causal: query i may only use S_i = sum_{j<=i} phi(K_j) V_j^T, a prefix sum (the
+paper's "RNN" view). We take the prefix sums a chunk of C positions at a time: the
+state before a chunk is a cumulative sum over the chunks before it, and inside the
+chunk the (C x C) causal products are done directly. ``chunk=1`` is the textbook prefix sum one
 position at a time; larger chunks compute the same numbers with fewer, larger products.
 
 Masks: a key-padding mask (broadcastable to (batch, heads, 1, seq_k)) zeroes phi(K_j)
