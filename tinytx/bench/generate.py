@@ -95,7 +95,7 @@ def _tinytx_uncached(model: Any, prompt: np.ndarray, n_new: int) -> float:
     for _ in stream(model, prompt, n_new, use_cache=False):
         model.backend.synchronize()
         stamps.append(time.perf_counter())
-    return statistics.median(np.diff(stamps))
+    return float(statistics.median(np.diff(stamps)))
 
 
 def _transformers_generate(model: Any, prompt: np.ndarray, n_new: int) -> tuple[float, Any]:
@@ -208,7 +208,13 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cache speed-up at 1024 >= 10x": None if speedup is None else speedup >= 10,
         "cached tok/s at 64 >= 2x transformers": None if vs is None else vs >= 2,
     }
-    return {name: {"value": targets[name], "met": met[name]} for name in targets}
+    return {
+        name: {
+            "value": None if targets[name] is None else float(targets[name]),
+            "met": None if met[name] is None else bool(met[name]),
+        }
+        for name in targets
+    }
 
 
 def format_results(result: dict[str, Any]) -> str:
