@@ -10,10 +10,11 @@ query, key and value; the keys and values of positions 0..t are read back from h
 
 so each step costs one position's projections and feed-forward instead of the whole
 prefix's. The buffers are allocated once, for ``max_len`` positions, and filled in place:
-no step copies the positions already cached.
+a step writes only its new positions and reads the earlier ones through a view.
 
 Keys are stored *after* the rotary rotation (their position is already baked in) and
-*before* the grouped-query repeat (only the ``n_kv_heads`` distinct heads take memory).
+*before* the grouped-query repeat (only the ``n_kv_heads`` distinct heads take memory;
+with fewer key/value heads than query heads, attention repeats them on the fly).
 """
 
 from __future__ import annotations
