@@ -125,12 +125,16 @@ def run(
     repeats: int = 3,
     uncached_tokens: int = 3,
     use_transformers: bool = True,
+    pause: float = 0.5,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time generation at each context; return the rows and the targets as a dict.
 
     ``threads``: BLAS, tinytx's element-wise pool and torch all get that many (None: their
-    defaults). ``progress`` receives a line per context as it is measured.
+    defaults). ``pause``: seconds of rest before each timed run, so that the thread pools
+    of the side that ran before (BLAS and OpenMP threads spin a while after their work)
+    are idle and do not steal the other side's cores. ``progress`` receives a line per
+    context as it is measured.
     """
     import tinytx
 
@@ -148,12 +152,15 @@ def run(
             _transformers_generate(theirs, prompt, 2)
         totals, decodes, hf_totals = [], [], []
         for _ in range(repeats):  # alternate: a burst of load elsewhere hits both
+            time.sleep(pause)
             total, decode, tokens = _tinytx_cached(ours, prompt, N_NEW)
             totals.append(total)
             decodes.append(decode)
             if theirs is not None:
+                time.sleep(pause)
                 hf_seconds, hf_tokens = _transformers_generate(theirs, prompt, N_NEW)
                 hf_totals.append(hf_seconds)
+        time.sleep(pause)
         short = prompt[:, : context - uncached_tokens]  # ends at the same position
         uncached = _tinytx_uncached(ours, short, uncached_tokens)
         row: dict[str, Any] = {
@@ -177,6 +184,7 @@ def run(
         "backend": backend.name,
         "threads": thread_report,
         "repeats": repeats,
+        "pause_s": pause,
         "new_tokens": N_NEW,
         "transformers": None if theirs is None else _transformers_or_none().__version__,
         "machine": machine_info(),
@@ -227,7 +235,8 @@ def format_results(result: dict[str, Any]) -> str:
     lines = [
         f"GPT-2 small shape, random weights, batch 1, float32, greedy, {result['new_tokens']} "
         f"new tokens; backend {result['backend']}, threads {result['threads']['requested']}, "
-        f"median of {result['repeats']} alternating runs",
+        f"median of {result['repeats']} alternating runs, "
+        f"{result.get('pause_s', 0)} s rest before each",
         f"{machine['processor']}, {machine['cpus']} cpus, numpy {machine['numpy']}, "
         f"transformers {result['transformers'] or 'not installed'}",
         format_table(result["results"], columns),
@@ -248,6 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="threads for BLAS, tinytx, torch")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (3)")
+    parser.add_argument("--pause", type=float, default=0.5, help="rest before each run (0.5 s)")
     parser.add_argument("--no-transformers", action="store_true", help="time tinytx alone")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
@@ -260,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = run(args.backend, args.threads, args.contexts, repeats=args.repeats,
-                     use_transformers=not args.no_transformers,
+                     use_transformers=not args.no_transformers, pause=args.pause,
                      progress=lambda line: print(line, file=sys.stderr))  # fmt: skip
     except (ValueError, tinytx.BackendUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
