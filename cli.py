@@ -776,6 +776,61 @@ def bench() -> None:
     """Benchmarks: print a table, write JSON. Compare with the named peer as a ratio."""
 
 
+@bench.command("encoder")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="Same for BLAS, tinytx and torch."
+)
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option(
+    "--pause",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Rest before each timed run (s), so the other side's idle BLAS threads stop spinning.",
+)
+@click.option(
+    "--case",
+    "cases",
+    type=click.Choice(["encoder", "attn-8x256", "attn-1x2048"]),
+    multiple=True,
+    help="Run only these cases (repeatable).",
+)
+@click.option("--no-torch", is_flag=True, help="Time tinytx alone.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
+@click.pass_context
+def bench_encoder(
+    ctx: click.Context,
+    threads: int | None,
+    repeats: int,
+    warmup: int,
+    pause: float,
+    cases: tuple[str, ...],
+    no_torch: bool,
+    json_path: str | None,
+) -> None:
+    """Post-norm EncoderBlock and attention alone against torch, same weights and threads."""
+    from tinytx.bench.common import write_json
+    from tinytx.bench.encoder import format_results, run
+
+    result = run(
+        _backend(ctx).name,
+        threads,
+        repeats,
+        warmup=warmup,
+        pause=pause,
+        cases=list(cases) or None,
+        use_torch=not no_torch,
+    )
+    click.echo(format_results(result))
+    if json_path:
+        write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+    wrong = [r["case"] for r in result["results"] if r.get("outputs_agree") is False]
+    if wrong:
+        raise CommandError(f"tinytx and torch disagree on {', '.join(wrong)}")
+
+
 @bench.command("attention")
 @click.option(
     "--seq",
