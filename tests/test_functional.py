@@ -75,7 +75,20 @@ def test_erf_matches_math_erf(backend, dtype) -> None:
     assert np.max(np.abs(got - want)) < 1e-6
     big = np.abs(x) >= 6
     assert np.all(got[big] == np.sign(x[big]))  # saturates to exactly +-1
-    assert np.all(np.abs(got[x == 0]) < 1e-7)  # the float32-accurate fit: |erf(0)| ~ 3e-8
+    assert np.all(got[x == 0] == 0.0)  # the Taylor branch near 0: erf(0) is exactly 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_erf_is_odd_and_relatively_accurate_near_zero(backend, dtype) -> None:
+    x = np.concatenate([np.geomspace(1e-12, 0.49, 50), [0.5, 0.7]]).astype(dtype)
+    got = backend.to_numpy(F.erf(put(backend, x, dtype)))
+    negated = backend.to_numpy(F.erf(put(backend, -x, dtype)))
+    np.testing.assert_array_equal(negated, -got)  # erf(-x) = -erf(x), exactly
+    want = np.array([math.erf(float(v)) for v in x])
+    taylor = np.abs(x) < 0.5  # float64 is near-exact there; elsewhere float32-accurate
+    tolerance = 1e-6 if dtype == "float32" else 1e-9
+    np.testing.assert_allclose(got[taylor], want[taylor], rtol=tolerance)  # relative, tiny x too
+    np.testing.assert_allclose(got[~taylor], want[~taylor], rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
