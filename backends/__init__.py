@@ -6,8 +6,8 @@ A backend is a small record (:class:`Backend`), not a class hierarchy:
 - ``xp``: the array-API namespace (``array_api_compat.numpy``, ``array_api_compat.cupy``
   or ``array_api_strict``);
 - ``device``: where new arrays are made;
-- ``asarray(host_array, dtype=None)``: host (NumPy) array -> array on this backend;
-- ``to_numpy(x)``: array on this backend -> host NumPy array;
+- ``asarray(host_array, dtype=None)``: host (NumPy) array -> array on this backend (a copy);
+- ``to_numpy(x)``: array on this backend -> host NumPy array (a copy);
 - ``synchronize()``: wait for queued device work (a no-op on the CPU);
 - ``natives``: the backend's own faster versions of the few functions the array API
   standard lacks (``erf``...), looked up by :func:`tinytx.functional` in one place.
@@ -91,8 +91,10 @@ class BackendStatus:
 
 
 def _host(x: Any, dtype: Any = None) -> np.ndarray:
-    """Any host array-like -> a C-contiguous NumPy array (with ``dtype`` when given)."""
-    return np.ascontiguousarray(np.asarray(x, dtype=dtype))
+    """Any host array-like -> a new C-contiguous NumPy array (with ``dtype`` when given).
+
+    Always a copy, so an array handed to a backend never aliases the caller's."""
+    return np.array(x, dtype=dtype, order="C", copy=True)
 
 
 def _make_numpy() -> Backend:
@@ -103,7 +105,10 @@ def _make_numpy() -> Backend:
     def asarray(host: Any, dtype: Any = None) -> np.ndarray:
         return _host(host, dtype)
 
-    return Backend("numpy", xp, "cpu", asarray, to_numpy=np.asarray, natives=NATIVES)
+    def to_numpy(x: Any) -> np.ndarray:
+        return np.array(x, copy=True)  # a copy: editing it never edits a parameter
+
+    return Backend("numpy", xp, "cpu", asarray, to_numpy, natives=NATIVES)
 
 
 def _make_strict() -> Backend:

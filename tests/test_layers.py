@@ -724,3 +724,18 @@ def test_module_repr_and_walk() -> None:
     paths = [p for p, _ in block.named_modules()]
     assert paths[:3] == ["", "self_attn", "self_attn.out_proj"]
     assert "ff.linear1" in paths
+
+
+def test_state_dicts_never_alias_the_parameters(backend) -> None:
+    """Editing a loaded or returned host array must not edit the module's weights."""
+    from tinytx.layers import Linear
+
+    layer = Linear(3, 2, backend=backend, seed=0)
+    state = layer.state_dict()
+    before = backend.to_numpy(layer.weight)
+    state["weight"][...] = 99.0  # edit what state_dict() returned
+    np.testing.assert_array_equal(backend.to_numpy(layer.weight), before)
+    source = {"weight": np.ones((2, 3), np.float32), "bias": np.zeros(2, np.float32)}
+    layer.load_state_dict(source)
+    source["weight"][...] = -5.0  # edit what was loaded
+    np.testing.assert_array_equal(backend.to_numpy(layer.weight), np.ones((2, 3)))
