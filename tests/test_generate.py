@@ -79,6 +79,21 @@ def test_cached_logits_equal_full_recomputation_at_every_step(backend, config, s
     assert [s.tokens.tolist() for s in uncached] == [s.tokens.tolist() for s in steps]
 
 
+@pytest.mark.parametrize("positions", ["learned", "rotary", "none"])
+def test_a_chunk_after_a_cached_prefix_sees_exactly_its_past(backend, positions):
+    """Prefill in two chunks (3 then 5 tokens): the second chunk's queries are the last
+    positions of the keys, so its logits equal those of the whole sequence at once."""
+    model = small_model(backend, positions=positions)
+    ids = backend.asarray(prompt_for(model.config, 9, 2, 8), dtype="int64")
+    full = backend.to_numpy(model(ids))  # (2, 8, 30)
+    cache = model.new_cache(2, 8)
+    first = backend.to_numpy(model(ids[:, :3], cache=cache))  # (2, 3, 30)
+    second = backend.to_numpy(model(ids[:, 3:], cache=cache))  # (2, 5, 30)
+    np.testing.assert_allclose(first, full[:, :3], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(second, full[:, 3:], atol=ATOL, rtol=RTOL)
+    assert cache.length == 8
+
+
 CAUSAL_VARIANTS = sorted(
     name for name, variant in available_attention().items() if variant.promises.supports_causal
 )
