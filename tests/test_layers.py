@@ -739,3 +739,10 @@ def test_state_dicts_never_alias_the_parameters(backend) -> None:
     layer.load_state_dict(source)
     source["weight"][...] = -5.0  # edit what was loaded
     np.testing.assert_array_equal(backend.to_numpy(layer.weight), np.ones((2, 3)))
+
+
+def test_a_python_list_is_a_clear_error(backend) -> None:
+    from tinytx.layers import LayerNorm
+
+    with pytest.raises(TypeError, match=r"expects an array, got a list; convert it with"):
+        LayerNorm(2, backend=backend)([[1.0, 2.0]])

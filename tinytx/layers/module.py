@@ -171,6 +171,11 @@ class Module:
             )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], (list, tuple, int, float)):
+            raise TypeError(
+                f"{type(self).__name__} expects an array, got a {type(args[0]).__name__}; "
+                f"convert it with get_backend({self.backend.name!r}).asarray(...)"
+            )
         for arg in args:
             if is_array_api_obj(arg):
                 self.check_input(arg)
