@@ -37,11 +37,14 @@ Array = Any
 def elu_plus_one(x: Array) -> Array:
     """phi(x) = elu(x) + 1 = x + 1 if x > 0 else exp(x); always > 0.  Any shape.
 
+    Written as max(x, 0) + exp(min(x, 0)), which is the same and takes fewer passes.
     exp(x) is floored at exp(-30) ~ 1e-13: for x < -30 it would otherwise round to 0,
     and a query whose features all round to 0 would divide 0 by 0.
     """
     xp = array_namespace(x)
-    return xp.where(x > 0, x + 1.0, xp.exp(xp.clip(x, -30.0, 0.0)))  # (...)
+    phi = xp.exp(xp.clip(x, -30.0, 0.0))  # (...) exp(min(x, 0)), floored
+    phi += xp.maximum(x, 0.0)  # in place
+    return phi  # (...)
 
 
 def _safe_divide(num: Array, den: Array) -> Array:
