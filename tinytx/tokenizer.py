@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,21 +100,15 @@ class Tokenizer:
         """The word pieces of one text, with its special tokens ([CLS] ... [SEP])."""
         return self(check_texts([text]), warn=False).tokens[0]
 
-    def __call__(self, texts: Sequence[str], *, warn: bool = True) -> Batch:
-        """Tokenize ``texts`` into one batch padded to its longest text.
+    def encode(self, texts: Sequence[str], *, warn: bool = True) -> list[Any]:
+        """Tokenize ``texts`` without padding -> one ``tokenizers.Encoding`` per text
+        (``.ids``, ``.type_ids``, ``.tokens``).
 
         A text longer than ``max_length`` tokens keeps its first ``max_length`` (with
         [CLS] and [SEP]); a :class:`TruncationWarning` says which (unless ``warn=False``).
         """
         texts = check_texts(texts)
         encodings = self._tok.encode_batch(texts)
-        lengths = np.asarray([len(e.ids) for e in encodings], dtype=np.int64)  # (batch,)
-        seq = int(lengths.max())
-        ids = np.full((len(texts), seq), self.pad_id, dtype=np.int64)  # (batch, seq)
-        type_ids = np.zeros((len(texts), seq), dtype=np.int64)  # (batch, seq)
-        for b, enc in enumerate(encodings):
-            ids[b, : lengths[b]] = enc.ids
-            type_ids[b, : lengths[b]] = enc.type_ids
         truncated = [b for b, enc in enumerate(encodings) if enc.overflowing]
         if truncated and warn:
             shown = ", ".join(repr(_preview(texts[b])) for b in truncated[:3])
@@ -122,10 +117,26 @@ class Tokenizer:
                 f"{len(truncated)} text(s) longer than the model's {self.max_length} tokens "
                 f"were truncated to their first {self.max_length} tokens: {shown}{more}",
                 TruncationWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+        return encodings
+
+    def pad(self, encodings: Sequence[Any]) -> Batch:
+        """Encodings from :meth:`encode` -> one :class:`Batch` padded to its longest text."""
+        lengths = np.asarray([len(e.ids) for e in encodings], dtype=np.int64)  # (batch,)
+        seq = int(lengths.max())
+        ids = np.full((len(encodings), seq), self.pad_id, dtype=np.int64)  # (batch, seq)
+        type_ids = np.zeros((len(encodings), seq), dtype=np.int64)  # (batch, seq)
+        for b, enc in enumerate(encodings):
+            ids[b, : lengths[b]] = enc.ids
+            type_ids[b, : lengths[b]] = enc.type_ids
+        truncated = [b for b, enc in enumerate(encodings) if enc.overflowing]
         tokens = [list(enc.tokens) for enc in encodings]
         return Batch(ids, type_ids, lengths, tokens, truncated)
+
+    def __call__(self, texts: Sequence[str], *, warn: bool = True) -> Batch:
+        """Tokenize ``texts`` into one batch padded to its longest text (see :meth:`encode`)."""
+        return self.pad(self.encode(texts, warn=warn))
 
 
 def _preview(text: str, width: int = 40) -> str:

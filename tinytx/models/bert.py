@@ -399,12 +399,12 @@ class BertModel(Module):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         tokenizer = self._tokenizer()
-        lengths = tokenizer(texts, warn=True).lengths  # warns once for the whole list
-        order = sorted(range(len(texts)), key=lambda i: -int(lengths[i]))  # longest first
+        encodings = tokenizer.encode(texts)  # unpadded; warns once for the whole list
+        order = sorted(range(len(texts)), key=lambda i: -len(encodings[i].ids))  # longest first
         parts = []
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            ids, mask = self._device_inputs(tokenizer([texts[i] for i in chunk], warn=False))
+            ids, mask = self._device_inputs(tokenizer.pad([encodings[i] for i in chunk]))
             parts.append(self.sentence_embedding(ids, mask=mask))  # (len(chunk), d)
             if progress is not None:
                 progress(len(chunk))
