@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinytx
@@ -23,9 +23,11 @@ DTYPES = (np.float32, np.float64)
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny blocks and no size threshold: every input is cut up and spread over threads."""
+    """Tiny blocks and no size threshold: every input is cut up and spread over threads
+    (attention: tiles of one or two query rows)."""
     monkeypatch.setattr(numpy_natives, "_BLOCK_ELEMENTS", 8)
     monkeypatch.setattr(numpy_natives, "_PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(numpy_natives, "_TILE_ELEMENTS", 8)
     before = numpy_natives.get_num_threads()
     numpy_natives.set_num_threads(2)
     yield
@@ -226,3 +228,102 @@ def test_attention_native_equals_definition(numpy_backend, causal, dtype) -> Non
         assert np.all(np.isfinite(w))
         if m is not None:
             assert np.all(w[1] == 0) and np.all(out[1] == 0)
+
+
+# --- tiled attention -------------------------------------------------------------------
+
+
+@st.composite
+def attention_inputs(draw):
+    """q, k, v, mask, causal, scale for one attention call: grouped-query heads, seq_q
+    below, equal to or above seq_k, masks of every broadcastable shape (with rows that
+    may attend to nothing), float32 and float64."""
+    batch, heads_kv, group = (draw(st.integers(1, n)) for n in (2, 2, 3))
+    seq_q, seq_k, d, d_v = (draw(st.integers(1, n)) for n in (7, 7, 4, 3))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    q = random_array(seed, (batch, heads_kv * group, seq_q, d), dtype)
+    k = random_array(seed + 1, (batch, heads_kv, seq_k, d), dtype)
+    v = random_array(seed + 2, (batch, heads_kv, seq_k, d_v), dtype)
+    mask = None
+    if draw(st.booleans()):
+        full = (batch, heads_kv * group, seq_q, seq_k)
+        shape = tuple(draw(st.sampled_from([1, n])) for n in full)
+        shape = shape[draw(st.integers(0, 3)) :]  # leading axes may be left out
+        keep = draw(st.sampled_from([0.0, 0.3, 0.8]))  # 0.0: nothing allowed anywhere
+        mask = np.random.default_rng(seed + 3).random(shape) < keep
+    causal = draw(st.booleans())
+    scale = draw(st.sampled_from([None, 0.3, 2.0]))
+    return q, k, v, mask, causal, scale
+
+
+@settings(max_examples=60)
+@given(
+    inputs=attention_inputs(), tile=st.sampled_from([1, 5, 12, 64]), threads=st.sampled_from([1, 2])
+)
+def test_tiled_attention_equals_definition(numpy_backend, inputs, tile, threads) -> None:
+    q, k, v, mask, causal, scale = inputs
+    numpy_natives._TILE_ELEMENTS = tile  # the fixture puts the default back
+    numpy_natives.set_num_threads(threads)
+    (out, w), (out_ref, w_ref) = both(
+        F.scaled_dot_product_attention, q, k, v, mask=mask, causal=causal, scale=scale
+    )
+    assert out.dtype == w.dtype == q.dtype
+    assert out.shape == out_ref.shape and w.shape == w_ref.shape
+    tol = 1e-6 if q.dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(w, w_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(out, out_ref, rtol=tol, atol=tol)
+    assert np.all(np.isfinite(w)) and np.all(np.isfinite(out))
+    nothing_allowed = np.all(w_ref == 0, axis=-1)  # (batch, heads, seq_q)
+    assert np.all(out[nothing_allowed] == 0)
+
+
+def test_large_attention_takes_the_tiled_path(numpy_backend, monkeypatch) -> None:
+    calls = []
+    tiled = numpy_natives._attention_tiled
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return tiled(*args, **kwargs)
+
+    monkeypatch.setattr(numpy_natives, "_attention_tiled", spy)
+    q, k, v = (random_array(s, (1, 2, 9, 4), np.float32) for s in range(3))
+    F.scaled_dot_product_attention(q, k, v)
+    assert calls == [(1, 2, 9, 4)]
+    F.scaled_dot_product_attention(q[:, :, :1], k, v)  # one query (generation): whole path
+    assert calls == [(1, 2, 9, 4)]
+
+
+def test_causal_tiles_with_a_key_value_cache(numpy_backend) -> None:
+    """seq_q < seq_k: queries are the last positions; tiles skip the keys after them."""
+    q = random_array(0, (1, 2, 5, 4), np.float32)
+    k, v = (random_array(s, (1, 2, 11, 4), np.float32) for s in (1, 2))
+    (out, w), (out_ref, w_ref) = both(F.scaled_dot_product_attention, q, k, v, causal=True)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-6, atol=1e-6)
+    for i in range(5):  # query i sits at key position i + 6
+        assert np.all(w[..., i, i + 7 :] == 0) and np.all(w[..., i, : i + 7] > 0)
+
+
+def test_causal_queries_before_every_key_get_zeros(numpy_backend) -> None:
+    """seq_q > seq_k: the first seq_q - seq_k queries may attend to nothing."""
+    q = random_array(0, (2, 1, 6, 3), np.float64)
+    k, v = (random_array(s, (2, 1, 2, 3), np.float64) for s in (1, 2))
+    (out, w), (out_ref, w_ref) = both(F.scaled_dot_product_attention, q, k, v, causal=True)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)
+    assert np.all(w[:, :, :4] == 0) and np.all(out[:, :, :4] == 0)
+
+
+def test_blas_threads_are_given_back(numpy_backend) -> None:
+    if not numpy_natives._can_pin_blas():
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS whose threads tinytx can set")
+    counts = [get() for get, _ in numpy_natives._blas_controls]
+    with numpy_natives._blas_single_threaded():
+        with numpy_natives._blas_single_threaded():  # nested (another thread, say)
+            assert all(get() == 1 for get, _ in numpy_natives._blas_controls)
+        assert all(get() == 1 for get, _ in numpy_natives._blas_controls)
+    assert [get() for get, _ in numpy_natives._blas_controls] == counts
+    q, k, v = (random_array(s, (1, 3, 8, 4), np.float32) for s in range(3))
+    F.scaled_dot_product_attention(q, k, v)  # on the pool: pinned, then given back
+    assert [get() for get, _ in numpy_natives._blas_controls] == counts
