@@ -32,6 +32,7 @@ import numpy as np
 
 __all__ = [
     "NATIVES",
+    "gelu",
     "get_num_threads",
     "layer_norm",
     "linear",
@@ -473,10 +474,50 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., d_out)
 
 
+def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
+    """Same as :func:`tinytx.functional.gelu` (exact form), bit for bit: the same erfc fit,
+    the same operations in the same order, on cache-sized blocks with scratch buffers.
+
+    x: any shape -> same shape. The tanh form is left to the definition (NotImplemented).
+    """
+    from tinytx.functional import _ERFC_COEFFS
+
+    if approximate != "none" or x.dtype.kind != "f":
+        return NotImplemented
+    out = np.empty_like(x)
+    x_rows, out_rows = _as_rows(x), _as_rows(out)
+    minus_root_half = -1.0 / math.sqrt(2.0)
+
+    def work(block: tuple[Any, ...]) -> None:
+        xs, o = x_rows[block], out_rows[block]  # (r, n)
+        z = np.multiply(xs, minus_root_half)  # z = -x / sqrt(2); Phi(x) = erfc(z) / 2
+        a = np.abs(z)  # |z|
+        t = np.multiply(a, 0.5)
+        np.add(t, 1.0, out=t)
+        np.divide(1.0, t, out=t)  # t = 1 / (1 + |z|/2)
+        poly = np.full_like(a, _ERFC_COEFFS[-1])
+        for c in reversed(_ERFC_COEFFS[:-1]):  # Horner: poly = c + t * poly
+            np.multiply(t, poly, out=poly)
+            np.add(poly, c, out=poly)
+        np.multiply(a, a, out=a)  # |z|^2
+        np.subtract(poly, a, out=poly)  # -z^2 + P(t)
+        np.exp(poly, out=poly)
+        np.multiply(t, poly, out=t)  # erfc(|z|)
+        np.subtract(2.0, t, out=poly)  # erfc(z) for z < 0: 2 - erfc(|z|)
+        np.copyto(t, poly, where=z < 0)  # erfc(z)
+        np.multiply(xs, 0.5, out=o)
+        np.multiply(o, t, out=o)  # x/2 * erfc(z)
+
+    if out.size:
+        _for_each_block(work, out_rows)
+    return out
+
+
 NATIVES: dict[str, Callable[..., Any]] = {
     "softmax": softmax,
     "scaled_dot_product_attention": scaled_dot_product_attention,
     "layer_norm": layer_norm,
     "relu": relu,
     "linear": linear,
+    "gelu": gelu,
 }

@@ -17,7 +17,7 @@ import tinytx
 from tinytx import functional as F
 from tinytx.backends import numpy_natives
 
-NATIVE_NAMES = ("softmax", "layer_norm", "relu", "linear", "scaled_dot_product_attention")
+NATIVE_NAMES = ("softmax", "layer_norm", "relu", "linear", "scaled_dot_product_attention", "gelu")
 DTYPES = (np.float32, np.float64)
 
 
@@ -156,6 +156,26 @@ def test_relu_native_equals_definition(numpy_backend, shape, seed, dtype) -> Non
     native, reference = both(F.relu, x)
     assert native.dtype == dtype
     np.testing.assert_array_equal(native, reference)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES))
+def test_gelu_native_equals_definition_bit_for_bit(numpy_backend, shape, seed, dtype) -> None:
+    x_host = random_array(seed, shape, dtype) * 6  # reach the tails on both sides
+    x = numpy_backend.asarray(x_host)
+    native, reference = both(F.gelu, x)
+    assert native.dtype == dtype
+    np.testing.assert_array_equal(native, reference)
+
+
+def test_gelu_native_leaves_the_tanh_form_to_the_definition(numpy_backend, monkeypatch) -> None:
+    x = numpy_backend.asarray(np.linspace(-4, 4, 9), dtype="float32")
+    calls = []
+    native = numpy_backend.natives["gelu"]
+    monkeypatch.setitem(numpy_backend.natives, "gelu", lambda *a: calls.append(a) or native(*a))
+    np.testing.assert_array_equal(F.gelu(x, approximate="tanh"), definition(F.gelu, x, "tanh"))
+    assert not calls  # the tanh form never reaches the exact-form native
+    F.gelu(x)
+    assert len(calls) == 1
 
 
 @given(

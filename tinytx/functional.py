@@ -127,6 +127,9 @@ def gelu(x: Array, approximate: str = "none") -> Array:
         return 0.5 * x * (1.0 + xp.tanh(inner))
     if approximate != "none":
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    native_gelu = _native(xp, "gelu")
+    if native_gelu is not None and (y := native_gelu(x)) is not NotImplemented:
+        return y
     native = _native(xp, "erf")
     if native is not None:
         return 0.5 * x * (1.0 + native(x * (1.0 / math.sqrt(2.0))))
