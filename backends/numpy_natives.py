@@ -101,29 +101,51 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _row_blocks(x: np.ndarray) -> list[tuple[Any, ...]]:
-    """Index tuples cutting x (..., rows, n) into blocks of whole rows, each (r, n)."""
+    """Index tuples cutting x (..., rows, n) into blocks of about ``_BLOCK_ELEMENTS``.
+
+    A block is some rows of one (rows, n) slab or, when a slab is smaller than that,
+    several whole slabs side by side: (8, 12, 32, 32) is cut along its first axis, not
+    into 96 tiny (32, 32) pieces (each piece costs a Python call per NumPy pass).
+    """
     *outer, rows, n = x.shape
-    step = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    step = max(1, _BLOCK_ELEMENTS // max(n, 1))  # rows per block
+    lead = (*outer, rows)  # the axes a block is cut from; n stays whole
+    axis, inner = len(lead) - 1, 1  # cut along lead[axis]; keep lead[axis + 1:] whole
+    while axis > 0 and inner * lead[axis] <= step:
+        inner *= lead[axis]
+        axis -= 1
+    chunk = max(1, step // inner)  # indices of lead[axis] per block
     return [
-        (*index, slice(start, min(start + step, rows)))
-        for index in np.ndindex(*outer)
-        for start in range(0, rows, step)
+        (*index, slice(start, min(start + chunk, lead[axis])))
+        for index in np.ndindex(*lead[:axis])
+        for start in range(0, lead[axis], chunk)
     ]
 
 
 def _for_each_block(work: Callable[[tuple[Any, ...]], None], x: np.ndarray) -> None:
-    """Run ``work(block_index)`` over the row blocks of x, on the pool when x is large."""
+    """Run ``work(block_index)`` over the row blocks of x, on the pool when x is large.
+
+    Each thread gets one run of consecutive blocks (one task per thread, not per block:
+    a pool task costs tens of microseconds, as much as the work on a small block).
+    """
     blocks = _row_blocks(x)
-    if x.size < _PARALLEL_MIN_ELEMENTS or len(blocks) == 1 or get_num_threads() == 1:
+    threads = min(get_num_threads(), len(blocks))
+    if x.size < _PARALLEL_MIN_ELEMENTS or threads == 1:
         for block in blocks:
             work(block)
         return
     caller = contextvars.copy_context()  # np.errstate lives in a context variable
 
-    def work_as_caller(block: tuple[Any, ...]) -> None:
-        caller.copy().run(work, block)
+    def work_on_share(share: list[tuple[Any, ...]]) -> None:
+        for block in share:
+            work(block)
 
-    for _ in _executor().map(work_as_caller, blocks):  # re-raises a worker's exception here
+    def share_as_caller(share: list[tuple[Any, ...]]) -> None:
+        caller.copy().run(work_on_share, share)
+
+    size = -(-len(blocks) // threads)  # blocks per thread, rounded up
+    shares = [blocks[start : start + size] for start in range(0, len(blocks), size)]
+    for _ in _executor().map(share_as_caller, shares):  # re-raises a worker's exception here
         pass
 
 
@@ -136,9 +158,9 @@ def _as_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _softmax_block(o: np.ndarray, logits: np.ndarray | None, keep: np.ndarray | None) -> None:
-    """o = softmax(where(keep, logits, -inf)) along the last axis, for one (r, n) block.
+    """o = softmax(where(keep, logits, -inf)) along the last axis, for one (..., r, n) block.
 
-    logits None: o holds the logits (in place). keep: boolean (r, n) or None. The steps
+    logits None: o holds the logits (in place). keep: boolean (..., r, n) or None. The steps
     of the definition: a row with nothing kept gets max 0 and total 1, so zeros.
     """
     if keep is not None:
@@ -148,11 +170,11 @@ def _softmax_block(o: np.ndarray, logits: np.ndarray | None, keep: np.ndarray | 
         logits = None
     if logits is None:
         logits = o
-    row_max = np.max(logits, axis=-1, keepdims=True)  # (r, 1)
+    row_max = np.max(logits, axis=-1, keepdims=True)  # (..., r, 1)
     row_max[~np.isfinite(row_max)] = 0  # an all -inf row has max -inf
     np.subtract(logits, row_max, out=o)
     np.exp(o, out=o)  # exactly 0 where x was -inf
-    total = np.sum(o, axis=-1, keepdims=True)  # (r, 1)
+    total = np.sum(o, axis=-1, keepdims=True)  # (..., r, 1)
     total[~(total > 0)] = 1  # all-masked row: 0 / 1 = 0
     np.divide(o, total, out=o)
 
@@ -166,7 +188,7 @@ def _softmax_rows(out: np.ndarray, x: np.ndarray, mask: np.ndarray | None) -> No
     in_place = x is out
 
     def work(block: tuple[Any, ...]) -> None:
-        keep = None if mask is None else mask[block]  # (r, n)
+        keep = None if mask is None else mask[block]  # (..., r, n)
         _softmax_block(out[block], None if in_place else x[block], keep)
 
     if out.size:
@@ -355,7 +377,8 @@ def _attention_tiled(
     cannot be held (not OpenBLAS) or the pool has one thread, they run one after another
     here, each product on BLAS's own threads.
 
-    Grouped-query heads are read in place (query head i uses key/value head
+    When a whole head is smaller than a tile, a tile takes several heads (stacked
+    products). Grouped-query heads are read in place (query head i uses key/value head
     i // (heads / heads_kv)), never repeated in memory.
     """
     batch, heads, seq_q, _ = q.shape
@@ -366,31 +389,41 @@ def _attention_tiled(
     output = np.empty((batch, heads, seq_q, d_v), dtype=q.dtype)
     if mask is not None:
         mask = np.broadcast_to(mask, weights.shape)  # (batch, heads, seq_q, seq_k), a view
-    rows = max(1, min(seq_q, _TILE_ELEMENTS // seq_k))
+    rows = max(1, min(seq_q, _TILE_ELEMENTS // seq_k))  # query rows per tile
+    # Short sequences: several whole heads per tile, one stacked product each, so that
+    # a tile is not a few microseconds of work behind a Python call.
+    per_tile = 1
+    if rows == seq_q and group == 1:
+        per_tile = max(1, min(heads, _TILE_ELEMENTS // (seq_q * seq_k)))
 
     def tile(job: tuple[int, int, int]) -> None:
         b, h, start = job
+        hs = slice(h, min(h + per_tile, heads))  # the query heads of this tile
+        kv = slice(h // group, h // group + 1) if group > 1 else hs  # their key/value heads
         end = min(start + rows, seq_q)
-        w = weights[b, h, start:end]  # (r, seq_k)
-        o = output[b, h, start:end]  # (r, d_v)
+        w = weights[b, hs, start:end]  # (g, r, seq_k)
+        o = output[b, hs, start:end]  # (g, r, d_v)
         n = seq_k if not causal else max(0, min(seq_k, end + offset))  # keys seen
-        w[:, n:] = 0  # after every row's position (causal): weight 0
+        w[..., n:] = 0  # after every row's position (causal): weight 0
         if n == 0:  # no key for any row here
             o[...] = 0
             return
-        w = w[:, :n]  # (r, n)
-        keep = None if mask is None else mask[b, h, start:end, :n]  # (r, n)
+        w = w[..., :n]  # (g, r, n)
+        keep = None if mask is None else mask[b, hs, start:end, :n]  # (g, r, n)
         if causal:
             position = np.arange(start + offset, end + offset)  # (r,) each query's position
             allowed = np.arange(n) <= position[:, None]  # (r, n)
             keep = allowed if keep is None else np.logical_and(keep, allowed)
-        k_h = k[b, h // group, :n]  # (n, d)
-        np.matmul(q[b, h, start:end] * scale, k_h.T, out=w)  # (r, n) scores
-        _softmax_block(w, None, keep)  # (r, n) weights, in place
-        np.matmul(w, v[b, h // group, :n], out=o)  # (r, d_v)
+        k_h = k[b, kv, :n]  # (g or 1, n, d)
+        np.matmul(q[b, hs, start:end] * scale, np.swapaxes(k_h, -1, -2), out=w)  # scores
+        _softmax_block(w, None, keep)  # (g, r, n) weights, in place
+        np.matmul(w, v[b, kv, :n], out=o)  # (g, r, d_v)
 
     jobs = [
-        (b, h, start) for b in range(batch) for h in range(heads) for start in range(0, seq_q, rows)
+        (b, h, start)
+        for b in range(batch)
+        for h in range(0, heads, per_tile)
+        for start in range(0, seq_q, rows)
     ]
     if get_num_threads() == 1 or len(jobs) == 1 or not _can_pin_blas():
         for job in jobs:
@@ -421,11 +454,11 @@ def layer_norm(
     x_rows, out_rows = _as_rows(x), _as_rows(out)  # (..., rows, d)
 
     def work(block: tuple[Any, ...]) -> None:
-        o = out_rows[block]  # (r, d)
-        xs = x_rows[block]  # (r, d)
-        mean = np.mean(xs, axis=-1, keepdims=True)  # (r, 1)
+        o = out_rows[block]  # (..., r, d)
+        xs = x_rows[block]  # (..., r, d)
+        mean = np.mean(xs, axis=-1, keepdims=True)  # (..., r, 1)
         np.subtract(xs, mean, out=o)  # centred
-        var = np.mean(o * o, axis=-1, keepdims=True)  # (r, 1)
+        var = np.mean(o * o, axis=-1, keepdims=True)  # (..., r, 1)
         np.divide(o, np.sqrt(var + eps), out=o)
         if weight is not None:
             np.multiply(o, weight, out=o)
@@ -489,7 +522,7 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     minus_root_half = -1.0 / math.sqrt(2.0)
 
     def work(block: tuple[Any, ...]) -> None:
-        xs, o = x_rows[block], out_rows[block]  # (r, n)
+        xs, o = x_rows[block], out_rows[block]  # (..., r, n)
         z = np.multiply(xs, minus_root_half)  # z = -x / sqrt(2); Phi(x) = erfc(z) / 2
         a = np.abs(z)  # |z|
         t = np.multiply(a, 0.5)

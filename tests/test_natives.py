@@ -150,6 +150,25 @@ def test_layer_norm_mixed_dtypes_fall_back_to_the_definition(numpy_backend) -> N
     np.testing.assert_array_equal(native, reference)
 
 
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple),
+    block=st.integers(1, 100),
+)
+def test_row_blocks_cover_every_element_once(shape, block) -> None:
+    """Blocks of rows, or of whole slabs side by side, tile x exactly, none larger than
+    a block (or one row, when a row alone is larger)."""
+    x = np.zeros(shape)
+    rows = numpy_natives._as_rows(x)  # a view of x
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numpy_natives, "_BLOCK_ELEMENTS", block)
+        blocks = numpy_natives._row_blocks(rows)
+    for index in blocks:
+        piece = rows[index]
+        assert piece.size <= max(block, shape[-1])
+        piece += 1
+    np.testing.assert_array_equal(x, 1)
+
+
 @given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES))
 def test_relu_native_equals_definition(numpy_backend, shape, seed, dtype) -> None:
     x = numpy_backend.asarray(random_array(seed, shape, dtype))
@@ -279,7 +298,9 @@ def attention_inputs(draw):
 
 @settings(max_examples=60)
 @given(
-    inputs=attention_inputs(), tile=st.sampled_from([1, 5, 12, 64]), threads=st.sampled_from([1, 2])
+    inputs=attention_inputs(),
+    tile=st.sampled_from([1, 5, 12, 64, 400]),
+    threads=st.sampled_from([1, 2]),
 )
 def test_tiled_attention_equals_definition(numpy_backend, inputs, tile, threads) -> None:
     q, k, v, mask, causal, scale = inputs
