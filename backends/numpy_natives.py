@@ -114,7 +114,7 @@ def _row_blocks(x: np.ndarray) -> list[tuple[Any, ...]]:
     while axis > 0 and inner * lead[axis] <= step:
         inner *= lead[axis]
         axis -= 1
-    chunk = max(1, step // inner)  # indices of lead[axis] per block
+    chunk = max(1, step // max(inner, 1))  # indices of lead[axis] per block
     return [
         (*index, slice(start, min(start + chunk, lead[axis])))
         for index in np.ndindex(*lead[:axis])
