@@ -89,7 +89,11 @@ def linear_attention(
                 "attention 'linear' supports key-padding masks only (broadcastable to "
                 f"(batch, heads, 1, seq_k)), got a mask of shape {tuple(mask.shape)}"
             )
-        keep = xp.matrix_transpose(xp.astype(mask, fk.dtype))  # (.., seq_k, 1)
+        keep = xp.astype(mask, fk.dtype)  # (..., 1, seq_k), (seq_k,) or ()
+        if keep.ndim == 1:
+            keep = keep[:, None]  # (seq_k, 1)
+        elif keep.ndim >= 2:
+            keep = xp.matrix_transpose(keep)  # (..., seq_k, 1)
         fk = fk * keep  # (batch, heads, seq_k, d): masked keys contribute nothing
     if not causal:
         s = xp.matmul(xp.matrix_transpose(fk), v)  # (batch, heads, d, d_v)

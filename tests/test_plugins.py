@@ -136,6 +136,23 @@ def test_linear_refuses_a_general_mask_but_honours_key_padding(backend):
     assert np.all(np.isfinite(backend.to_numpy(out)))
 
 
+@pytest.mark.parametrize("name", BUILTIN_VARIANTS)
+def test_a_key_mask_of_any_rank_means_the_same(backend, name):
+    """A mask is anything broadcastable to (batch, heads, seq_q, seq_k): the 1-D key mask
+    (seq_k,) must give what its 4-D form (1, 1, 1, seq_k) gives."""
+    rng = np.random.default_rng(1)
+    q = backend.asarray(rng.standard_normal((2, 2, 3, 4)).astype(np.float32))
+    k, v = (backend.asarray(rng.standard_normal((2, 2, 5, 4)).astype(np.float32)) for _ in "kv")
+    keep = np.array([True, False, True, True, False])
+    variant = get_attention(name)
+    outs = [
+        backend.to_numpy(variant(q, k, v, mask=backend.asarray(m))[0])
+        for m in (keep, keep[None, :], keep[None, None, None, :])
+    ]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], rtol=1e-6, atol=1e-6)
+
+
 def test_a_variant_that_raises_is_reported_by_name(backend, clean_registry):
     @register_attention("divides_by_zero")
     def bad(q, k, v, *, mask=None, causal=False, scale=None):
