@@ -32,6 +32,7 @@ import numpy as np
 
 __all__ = [
     "NATIVES",
+    "blockwise_attention",
     "gelu",
     "get_num_threads",
     "layer_norm",
@@ -329,6 +330,34 @@ def scaled_dot_product_attention(
     return _attention_tiled(q, k, v, _bool(mask), causal, scale)
 
 
+def blockwise_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[np.ndarray, None]:
+    """The numbers of :mod:`tinytx.plugins.blockwise` (exact softmax attention, no
+    weights), computed as :func:`_attention_tiled` computes softmax attention: one
+    cache-sized tile of query rows against all keys at a time, spread over the thread
+    pool, each tile's scores in a buffer its thread reuses. The (seq_q x seq_k) matrix is
+    never stored: the extra memory is one tile per thread, O(seq_k x rows), as in the
+    plugin's online softmax over key blocks, which stays the definition (and what runs on
+    the other backends). Inputs checked by the caller; k, v with q's number of heads or
+    fewer (grouped-query).
+
+    q: (batch, heads, seq_q, d); k, v: (batch, heads_kv, seq_k, d / d_v)
+    -> (batch, heads, seq_q, d_v), None.
+    """
+    if q.dtype not in (np.float32, np.float64) or 0 in q.shape or 0 in k.shape:
+        return NotImplemented
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    output, _ = _attention_tiled(q, k, v, _bool(mask), causal, scale, keep_weights=False)
+    return output, None
+
+
 def _attention_whole(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool,
     scale: float,
@@ -353,8 +382,8 @@ def _attention_whole(
 
 def _attention_tiled(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool,
-    scale: float,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    scale: float, keep_weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
     """Attention one tile at a time: a tile is one (batch, head) and a block of query
     rows, rows * seq_k about ``_TILE_ELEMENTS``, so that its slice of the weights stays
     in the core's cache from the scores product to the product with v:
@@ -378,30 +407,42 @@ def _attention_tiled(
     here, each product on BLAS's own threads.
 
     When a whole head is smaller than a tile, a tile takes several heads (stacked
-    products). Grouped-query heads are read in place (query head i uses key/value head
+    products). ``keep_weights=False`` (blockwise attention) computes each tile in a
+    scratch buffer of its thread, reused from tile to tile, and returns (output, None):
+    the (seq_q x seq_k) weights never exist, the extra memory is one tile per thread.
+    Grouped-query heads are read in place (query head i uses key/value head
     i // (heads / heads_kv)), never repeated in memory.
     """
     batch, heads, seq_q, _ = q.shape
     heads_kv, seq_k, d_v = v.shape[1:]
     group = heads // heads_kv
     offset = seq_k - seq_q  # query i sits at key position i + offset (causal)
-    weights = np.empty((batch, heads, seq_q, seq_k), dtype=q.dtype)
+    weights = np.empty((batch, heads, seq_q, seq_k), dtype=q.dtype) if keep_weights else None
     output = np.empty((batch, heads, seq_q, d_v), dtype=q.dtype)
     if mask is not None:
-        mask = np.broadcast_to(mask, weights.shape)  # (batch, heads, seq_q, seq_k), a view
+        mask = np.broadcast_to(mask, (batch, heads, seq_q, seq_k))  # a view
     rows = max(1, min(seq_q, _TILE_ELEMENTS // seq_k))  # query rows per tile
     # Short sequences: several whole heads per tile, one stacked product each, so that
     # a tile is not a few microseconds of work behind a Python call.
     per_tile = 1
     if rows == seq_q and group == 1:
         per_tile = max(1, min(heads, _TILE_ELEMENTS // (seq_q * seq_k)))
+    scratch = threading.local()  # keep_weights=False: each thread's tile buffer
+
+    def scores_buffer(b: int, hs: slice, start: int, end: int) -> np.ndarray:
+        """Where a tile's scores go: its slice of the weights, or its thread's scratch."""
+        if weights is not None:
+            return weights[b, hs, start:end]  # (g, r, seq_k)
+        if getattr(scratch, "buffer", None) is None:
+            scratch.buffer = np.empty((per_tile, rows, seq_k), dtype=q.dtype)
+        return scratch.buffer[: hs.stop - hs.start, : end - start]  # (g, r, seq_k)
 
     def tile(job: tuple[int, int, int]) -> None:
         b, h, start = job
         hs = slice(h, min(h + per_tile, heads))  # the query heads of this tile
         kv = slice(h // group, h // group + 1) if group > 1 else hs  # their key/value heads
         end = min(start + rows, seq_q)
-        w = weights[b, hs, start:end]  # (g, r, seq_k)
+        w = scores_buffer(b, hs, start, end)  # (g, r, seq_k)
         o = output[b, hs, start:end]  # (g, r, d_v)
         n = seq_k if not causal else max(0, min(seq_k, end + offset))  # keys seen
         w[..., n:] = 0  # after every row's position (causal): weight 0
@@ -549,6 +590,7 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
 NATIVES: dict[str, Callable[..., Any]] = {
     "softmax": softmax,
     "scaled_dot_product_attention": scaled_dot_product_attention,
+    "blockwise_attention": blockwise_attention,
     "layer_norm": layer_norm,
     "relu": relu,
     "linear": linear,

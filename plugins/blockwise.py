@@ -20,6 +20,12 @@ one, so every exp() sees an argument <= 0 and cannot overflow. The queries are a
 taken a block at a time, so the extra memory is O(B^2) per head, not O(seq^2) (plus
 the output, written block by block into its place). The weights are never formed, so
 none are returned.
+
+This loop is the definition, and what runs on CuPy and array-api-strict. On NumPy the
+backend's native (``backends/numpy_natives.py``) computes the same numbers faster: tiles
+of query rows against all keys, spread over its thread pool, each tile's scores in a
+buffer reused from tile to tile, so memory stays O(seq x tile) there too. ``block_size``
+shapes this loop only; the native chooses cache-sized tiles.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from tinytx.backends import native_function
 from tinytx.plugins.registry import Option, register_attention
 
 Array = Any
@@ -37,6 +44,8 @@ Array = Any
 
 def _block_of(mask: Array, rows: slice, cols: slice) -> Array:
     """mask[..., rows, cols], keeping a broadcast (size 1) axis as it is."""
+    if mask.ndim < 2:  # (seq_k,) or a scalar: the same for every query row
+        mask = mask[None, ...] if mask.ndim == 1 else mask[None, None]  # (1, seq_k or 1)
     rows = slice(None) if mask.shape[-2] == 1 else rows
     cols = slice(None) if mask.shape[-1] == 1 else cols
     return mask[..., rows, cols]  # (.., rows or 1, cols or 1)
@@ -74,6 +83,9 @@ def blockwise_attention(
     -> (batch, heads, seq_q, d_v), None.
     """
     xp = array_namespace(q, k, v)
+    native = native_function(xp, "blockwise_attention")  # NumPy: tiles on the thread pool
+    if native is not None and (out := native(q, k, v, mask, causal, scale)) is not NotImplemented:
+        return out
     seq_q, seq_k = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     offset = seq_k - seq_q  # query i sits at position i + offset (see causal_mask)

@@ -16,8 +16,17 @@ from hypothesis import strategies as st
 import tinytx
 from tinytx import functional as F
 from tinytx.backends import numpy_natives
+from tinytx.plugins import get_attention
 
-NATIVE_NAMES = ("softmax", "layer_norm", "relu", "linear", "scaled_dot_product_attention", "gelu")
+NATIVE_NAMES = (
+    "softmax",
+    "layer_norm",
+    "relu",
+    "linear",
+    "scaled_dot_product_attention",
+    "blockwise_attention",
+    "gelu",
+)
 DTYPES = (np.float32, np.float64)
 
 
@@ -317,6 +326,44 @@ def test_tiled_attention_equals_definition(numpy_backend, inputs, tile, threads)
     assert np.all(np.isfinite(w)) and np.all(np.isfinite(out))
     nothing_allowed = np.all(w_ref == 0, axis=-1)  # (batch, heads, seq_q)
     assert np.all(out[nothing_allowed] == 0)
+
+
+@settings(max_examples=60)
+@given(
+    inputs=attention_inputs(),
+    tile=st.sampled_from([1, 5, 12, 64, 400]),
+    threads=st.sampled_from([1, 2]),
+)
+def test_blockwise_native_equals_the_plugins_definition(
+    numpy_backend, inputs, tile, threads
+) -> None:
+    """plugins/blockwise.py's online softmax over key blocks (the definition, native
+    removed) and the NumPy native's query tiles give the same outputs, and no weights."""
+    q, k, v, mask, causal, scale = inputs
+    numpy_natives._TILE_ELEMENTS = tile  # the fixture puts the default back
+    numpy_natives.set_num_threads(threads)
+    blockwise = get_attention("blockwise")
+    out, weights = blockwise(q, k, v, mask=mask, causal=causal, scale=scale)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delitem(numpy_backend.natives, "blockwise_attention")
+        out_ref, _ = blockwise(q, k, v, mask=mask, causal=causal, scale=scale, block_size=3)
+    assert weights is None and out.dtype == q.dtype
+    # two algorithms (online softmax over key blocks, or whole rows): float rounding differs
+    rtol, atol = (1e-4, 2e-5) if q.dtype == np.float32 else (1e-10, 1e-12)
+    np.testing.assert_allclose(out, out_ref, rtol=rtol, atol=atol)
+
+
+def test_blockwise_calls_the_native(numpy_backend, monkeypatch) -> None:
+    calls = []
+
+    def spy(q, *args):
+        calls.append(q.shape)
+        return numpy_natives.blockwise_attention(q, *args)
+
+    monkeypatch.setitem(numpy_backend.natives, "blockwise_attention", spy)
+    q = numpy_backend.asarray(random_array(0, (1, 2, 5, 4), np.float32))
+    get_attention("blockwise")(q, q, q, causal=True)
+    assert calls == [(1, 2, 5, 4)]
 
 
 def test_large_attention_takes_the_tiled_path(numpy_backend, monkeypatch) -> None:
