@@ -560,27 +560,27 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
         return NotImplemented
     out = np.empty_like(x)
     x_rows, out_rows = _as_rows(x), _as_rows(out)
-    minus_root_half = -1.0 / math.sqrt(2.0)
+    root_half = 1.0 / math.sqrt(2.0)
 
     def work(block: tuple[Any, ...]) -> None:
         xs, o = x_rows[block], out_rows[block]  # (..., r, n)
-        z = np.multiply(xs, minus_root_half)  # z = -x / sqrt(2); Phi(x) = erfc(z) / 2
-        a = np.abs(z)  # |z|
-        t = np.multiply(a, 0.5)
+        size = np.abs(xs)  # |x|
+        z = np.multiply(size, root_half)  # z = |x| / sqrt(2) >= 0
+        t = np.multiply(z, 0.5)
         np.add(t, 1.0, out=t)
-        np.divide(1.0, t, out=t)  # t = 1 / (1 + |z|/2)
-        poly = np.full_like(a, _ERFC_COEFFS[-1])
+        np.divide(1.0, t, out=t)  # t = 1 / (1 + z/2)
+        poly = np.full_like(z, _ERFC_COEFFS[-1])
         for c in reversed(_ERFC_COEFFS[:-1]):  # Horner: poly = c + t * poly
             np.multiply(t, poly, out=poly)
             np.add(poly, c, out=poly)
-        np.multiply(a, a, out=a)  # |z|^2
-        np.subtract(poly, a, out=poly)  # -z^2 + P(t)
+        np.multiply(z, z, out=z)  # z^2
+        np.subtract(poly, z, out=poly)  # -z^2 + P(t)
         np.exp(poly, out=poly)
-        np.multiply(t, poly, out=t)  # erfc(|z|)
-        np.subtract(2.0, t, out=poly)  # erfc(z) for z < 0: 2 - erfc(|z|)
-        np.copyto(t, poly, where=z < 0)  # erfc(z)
-        np.multiply(xs, 0.5, out=o)
-        np.multiply(o, t, out=o)  # x/2 * erfc(z)
+        np.multiply(t, poly, out=t)  # erfc(z) = 2 Phi(-|x|)
+        np.multiply(size, 0.5, out=size)
+        np.multiply(size, t, out=size)  # |x|/2 * erfc(z)
+        np.maximum(xs, 0.0, out=o)
+        np.subtract(o, size, out=o)  # max(x, 0) - |x|/2 * erfc(|x| / sqrt 2)
 
     if out.size:
         _for_each_block(work, out_rows)

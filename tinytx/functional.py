@@ -114,9 +114,11 @@ def _erf_taylor(x: Array) -> Array:
 def gelu(x: Array, approximate: str = "none") -> Array:
     """GELU(x) = x * Phi(x), Phi the standard normal CDF (Hendrycks & Gimpel 2016).
 
-    ``approximate="none"``: the exact form, x/2 * (1 + erf(x / sqrt(2))), computed as
-    x/2 * erfc(-x / sqrt(2)) so that the relative error stays at float32 precision
-    also for large negative x.
+    ``approximate="none"``: the exact form, x/2 * (1 + erf(x / sqrt(2))). Since
+    Phi(x) = 1 - Phi(-x) and Phi(-|x|) = erfc(|x| / sqrt(2)) / 2, it equals
+    GELU(x) = max(x, 0) - |x|/2 * erfc(|x| / sqrt(2)): one erfc of a non-negative
+    argument, no branch, and float32 relative precision also for large negative x
+    (where 1 + erf(...) would cancel).
     ``approximate="tanh"``: x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), GPT-2's.
     x: any shape -> same shape.
     """
@@ -133,10 +135,9 @@ def gelu(x: Array, approximate: str = "none") -> Array:
     native = _native(xp, "erf")
     if native is not None:
         return 0.5 * x * (1.0 + native(x * (1.0 / math.sqrt(2.0))))
-    z = x * (-1.0 / math.sqrt(2.0))  # (...)  Phi(x) = erfc(z) / 2
-    tail = _erfc_nonneg(xp.abs(z))  # erfc(|z|)
-    erfc_z = xp.where(z >= 0, tail, 2.0 - tail)  # erfc(z) = 2 - erfc(-z)
-    return 0.5 * x * erfc_z
+    size = xp.abs(x)  # (...)  |x|
+    tail = _erfc_nonneg(size * (1.0 / math.sqrt(2.0)))  # (...)  erfc(|x|/sqrt 2) = 2 Phi(-|x|)
+    return xp.maximum(x, xp.zeros_like(x)) - 0.5 * size * tail  # (...)
 
 
 # --- softmax and norms ---------------------------------------------------------------
