@@ -120,6 +120,38 @@ def test_fully_masked_rows_give_zeros(numpy_backend, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_softmax_ignores_non_finite_values_where_masked(numpy_backend, dtype) -> None:
+    """The native masks by adding 0 / -inf; +inf or NaN at a masked place would make NaN
+    that way. Masked values never matter in the definition, so neither here."""
+    x = random_array(0, (3, 4, 6), dtype)
+    mask = np.random.default_rng(1).random((3, 1, 6)) < 0.5
+    mask[:, :, 0] = True  # every row keeps something
+    dropped = np.broadcast_to(~mask, x.shape)
+    x[dropped] = np.resize(np.array([np.inf, np.nan, -np.inf], dtype), int(dropped.sum()))
+    native, reference = both(F.softmax, numpy_backend.asarray(x), mask=mask)
+    np.testing.assert_array_equal(native, reference)
+    assert np.all(np.isfinite(native)) and np.all(native[dropped] == 0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_ignores_infinite_scores_at_masked_keys(numpy_backend, causal) -> None:
+    q = np.abs(random_array(0, (2, 2, 4, 3), np.float32))
+    k, v = random_array(1, (2, 2, 4, 3), np.float32), random_array(2, (2, 2, 4, 3), np.float32)
+    k[:, :, 1] = 3e38  # key 1: its scores overflow to +inf
+    mask = np.ones((2, 1, 1, 4), dtype=bool)
+    mask[..., 1] = False  # ... and it is masked
+    for tile in (8, 400):  # a row per tile; whole heads and batch entries per tile
+        numpy_natives._TILE_ELEMENTS = tile
+        (out, w), (out_ref, w_ref) = both(
+            F.scaled_dot_product_attention, q, k, v, mask=mask, causal=causal
+        )
+        np.testing.assert_array_equal(w, w_ref)
+        np.testing.assert_array_equal(out, out_ref)
+        assert np.all(np.isfinite(out)) and np.all(w[..., 1] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_extreme_rows(numpy_backend, dtype) -> None:
     rows = np.array(
         [[-np.inf] * 4, [1e4, -1e4, 0.0, 1e4], [-np.inf, 0.0, -np.inf, 1.0], [np.inf, 0, 0, 0]],
@@ -286,7 +318,8 @@ def attention_inputs(draw):
     """q, k, v, mask, causal, scale for one attention call: grouped-query heads, seq_q
     below, equal to or above seq_k, masks of every broadcastable shape (with rows that
     may attend to nothing), float32 and float64."""
-    batch, heads_kv, group = (draw(st.integers(1, n)) for n in (2, 2, 3))
+    batch, heads_kv, group = (draw(st.integers(1, n)) for n in (5, 2, 3))  # batch 5: tiles
+    # of several batch entries
     seq_q, seq_k, d, d_v = (draw(st.integers(1, n)) for n in (7, 7, 4, 3))
     dtype = draw(st.sampled_from(DTYPES))
     seed = draw(st.integers(0, 2**16))
