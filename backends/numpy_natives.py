@@ -327,6 +327,20 @@ def _blas_single_threaded() -> Iterator[None]:
                     set_(n)
 
 
+def _map_with_blas_on_pool(work: Callable[[Any], None], jobs: Sequence[Any]) -> None:
+    """Run ``work(job)`` for every job on the pool, one task per job, with OpenBLAS held
+    to one thread meanwhile (the pool is the parallelism); a worker's error is raised
+    here. Each job runs in a copy of the caller's context (np.errstate lives there)."""
+    caller = contextvars.copy_context()
+
+    def work_as_caller(job: Any) -> None:
+        caller.copy().run(work, job)
+
+    with _blas_single_threaded():
+        for _ in _executor().map(work_as_caller, jobs):
+            pass
+
+
 # --- attention -------------------------------------------------------------------------
 
 # A tile of about this many scores (2 MiB of float32: 256 query rows at seq_k 2048) stays
@@ -515,14 +529,7 @@ def _attention_tiled(
         for job in jobs:
             tile(job)
     else:
-        caller = contextvars.copy_context()  # np.errstate lives in a context variable
-
-        def tile_as_caller(job: tuple[int, int, int]) -> None:
-            caller.copy().run(tile, job)
-
-        with _blas_single_threaded():
-            for _ in _executor().map(tile_as_caller, jobs):  # re-raises a worker's error
-                pass
+        _map_with_blas_on_pool(tile, jobs)
     return output, weights
 
 
@@ -614,16 +621,8 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
         if bias is not None:
             np.add(y[share], bias, out=y[share])
 
-    caller = contextvars.copy_context()  # np.errstate lives in a context variable
-
-    def product_as_caller(share: slice) -> None:
-        caller.copy().run(product, share)
-
     size = -(-n // threads)  # rows per thread, rounded up
-    shares = [slice(start, min(start + size, n)) for start in range(0, n, size)]
-    with _blas_single_threaded():
-        for _ in _executor().map(product_as_caller, shares):  # re-raises a worker's error
-            pass
+    _map_with_blas_on_pool(product, [slice(s, min(s + size, n)) for s in range(0, n, size)])
     return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., d_out)
 
 
