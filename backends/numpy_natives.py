@@ -163,41 +163,31 @@ def _additive(mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.where(mask, dtype.type(0), dtype.type(-np.inf))
 
 
-def _softmax_block(
-    o: np.ndarray,
-    logits: np.ndarray | None,
-    keep: np.ndarray | None,
-    biases: Sequence[np.ndarray] = (),
-) -> None:
-    """o = softmax(where(keep, logits, -inf)) along the last axis, for one (..., r, n) block.
+def _softmax_block(o: np.ndarray, logits: np.ndarray | None, biases: Sequence[np.ndarray]) -> None:
+    """o = softmax(logits + sum(biases)) along the last axis, for one (..., r, n) block.
 
-    logits None: o holds the logits (in place). keep: boolean (..., r, n) or None. The steps
-    of the definition: a row with nothing kept gets max 0 and total 1, so zeros.
-
-    ``biases``: additive masks (see :func:`_additive`, broadcastable to the block) that
-    together drop what ``keep`` drops. Adding them is where(keep, x, -inf) for every
-    finite x, and measured 5-9x faster than the masked copy (a pass over a broadcast
-    boolean mask costs about 2 ns per element here). An infinite or NaN logit at a dropped
-    place would turn into NaN instead of -inf; a NaN row maximum shows it, and then
-    the block is masked by the copy, so the result is the definition's in every case.
+    logits None: o holds the logits (in place). ``biases``: the masks as additive 0 / -inf
+    arrays (see :func:`_additive`, broadcastable to the block), possibly none. Adding
+    them is the definition's where(mask, x, -inf) for every finite x, and measured 5-9x
+    faster than a masked copy (a pass over a broadcast boolean mask costs about 2 ns per
+    element here). An infinite or NaN logit at a dropped place turns into NaN instead of
+    -inf; a NaN row maximum shows it, and then the dropped places are set to -inf by a
+    masked copy, so the result is the definition's in every case. The steps of the
+    definition: a row with nothing kept gets max 0 and total 1, so zeros.
     """
     source = o if logits is None else logits
-    if keep is not None:
-        if biases:
-            with np.errstate(invalid="ignore"):  # inf + -inf: handled below
-                np.add(source, biases[0], out=o)
-                for bias in biases[1:]:
-                    np.add(o, bias, out=o)
-        else:
-            if source is not o:
-                np.copyto(o, source)
-            np.copyto(o, o.dtype.type(-np.inf), where=~keep)  # where(keep, x, -inf)
+    if biases:
+        with np.errstate(invalid="ignore"):  # inf + -inf: handled below
+            np.add(source, biases[0], out=o)
+            for bias in biases[1:]:
+                np.add(o, bias, out=o)
         source = o
     row_max = np.max(source, axis=-1, keepdims=True)  # (..., r, 1)
-    if keep is not None and biases and np.isnan(row_max).any():  # inf or NaN met -inf
+    if biases and np.isnan(row_max).any():  # an inf or NaN logit met -inf
         if logits is not None:
             np.copyto(o, logits)  # (in place, kept entries are intact: x + 0 is x)
-        np.copyto(o, o.dtype.type(-np.inf), where=~keep)
+        for bias in biases:
+            np.copyto(o, bias, where=np.isneginf(bias))  # where(mask, x, -inf)
         row_max = np.max(o, axis=-1, keepdims=True)
     row_max[~np.isfinite(row_max)] = 0  # an all -inf row has max -inf
     np.subtract(source, row_max, out=o)
@@ -207,21 +197,17 @@ def _softmax_block(
     np.divide(o, total, out=o)
 
 
-def _softmax_rows(
-    out: np.ndarray, x: np.ndarray, mask: np.ndarray | None, bias: np.ndarray | None = None
-) -> None:
-    """out = softmax(where(mask, x, -inf)) along the last axis; x may be out itself.
+def _softmax_rows(out: np.ndarray, x: np.ndarray, bias: np.ndarray | None) -> None:
+    """out = softmax(x + bias) along the last axis; x may be out itself.
 
-    out, x, mask: (..., rows, n), mask boolean or None; bias: ``_additive(mask)`` in the
-    same layout, or None. The steps of the definition, on one cache-sized block of rows
-    at a time.
+    out, x: (..., rows, n); bias: the mask as ``_additive(mask)`` in the same layout, or
+    None. The steps of the definition, on one cache-sized block of rows at a time.
     """
     in_place = x is out
 
     def work(block: tuple[Any, ...]) -> None:
-        keep = None if mask is None else mask[block]  # (..., r, n)
         biases = () if bias is None else (bias[block],)
-        _softmax_block(out[block], None if in_place else x[block], keep, biases)
+        _softmax_block(out[block], None if in_place else x[block], biases)
 
     if out.size:
         _for_each_block(work, out)
@@ -245,7 +231,7 @@ def softmax(x: np.ndarray, axis: int = -1, *, mask: np.ndarray | None = None) ->
         return None if a is None else rows(np.broadcast_to(a, shape))
 
     bias = None if mask is None else _additive(mask, out.dtype)  # mask's own shape
-    _softmax_rows(rows(out), broadcast_rows(x), broadcast_rows(mask), broadcast_rows(bias))
+    _softmax_rows(rows(out), broadcast_rows(x), broadcast_rows(bias))
     return out
 
 
@@ -421,10 +407,9 @@ def _attention_whole(
         allowed = causal_mask(seq_q, seq_k, xp=np)  # (seq_q, seq_k)
         mask = allowed if mask is None else np.logical_and(mask, allowed)
     bias = None
-    if mask is not None:
-        bias = np.broadcast_to(_additive(mask, weights.dtype), weights.shape)  # views,
-        mask = np.broadcast_to(mask, weights.shape)  # (batch, heads, seq_q, seq_k)
-    _softmax_rows(weights, weights, mask, bias)  # scores -> weights, in place
+    if mask is not None:  # (batch, heads, seq_q, seq_k), a view
+        bias = np.broadcast_to(_additive(mask, weights.dtype), weights.shape)
+    _softmax_rows(weights, weights, bias)  # scores -> weights, in place
     return np.matmul(weights, v), weights  # (batch, heads, seq_q, d_v), weights
 
 
@@ -471,8 +456,7 @@ def _attention_tiled(
     output = np.empty((batch, heads, seq_q, d_v), dtype=q.dtype)
     bias = None  # the mask as 0 / -inf to add (see _softmax_block)
     if mask is not None:
-        bias = np.broadcast_to(_additive(mask, q.dtype), (batch, heads, seq_q, seq_k))  # views
-        mask = np.broadcast_to(mask, (batch, heads, seq_q, seq_k))
+        bias = np.broadcast_to(_additive(mask, q.dtype), (batch, heads, seq_q, seq_k))  # a view
     rows = max(1, min(seq_q, _TILE_ELEMENTS // seq_k))  # query rows per tile
     # Short sequences: several whole heads, even several batch entries, per tile, one
     # stacked product each, so that a tile is not a few microseconds of work behind a
@@ -507,16 +491,14 @@ def _attention_tiled(
             o[...] = 0
             return
         w = w[..., :n]  # (nb, g, r, n)
-        keep = None if mask is None else mask[bs, hs, start:end, :n]  # (nb, g, r, n)
-        biases = [] if bias is None else [bias[bs, hs, start:end, :n]]
+        biases = [] if bias is None else [bias[bs, hs, start:end, :n]]  # (nb, g, r, n)
         if causal:
             position = np.arange(start + offset, end + offset)  # (r,) each query's position
             allowed = np.arange(n) <= position[:, None]  # (r, n)
-            keep = allowed if keep is None else np.logical_and(keep, allowed)
             biases.append(_additive(allowed, w.dtype))  # (r, n)
         k_h = k[bs, kv, :n]  # (nb, g or 1, n, d)
         np.matmul(q[bs, hs, start:end] * scale, np.swapaxes(k_h, -1, -2), out=w)  # scores
-        _softmax_block(w, None, keep, biases)  # (nb, g, r, n) weights, in place
+        _softmax_block(w, None, biases)  # (nb, g, r, n) weights, in place
         np.matmul(w, v[bs, kv, :n], out=o)  # (nb, g, r, d_v)
 
     jobs = [
