@@ -124,7 +124,8 @@ def info() -> None:
     from tinytx.plugins import available_attention
 
     click.echo(f"tinytx {tinytx.__version__} on Python {platform.python_version()}")
-    for dist in ("numpy", "array-api-compat", "array-api-strict", "click", "cupy-cuda12x"):
+    dists = ("numpy", "array-api-compat", "array-api-strict", "click", "threadpoolctl")
+    for dist in (*dists, "cupy-cuda13x", "cupy-cuda12x"):
         click.echo(f"  {dist:<17} {_version(dist)}")
     click.echo("backends:")
     for name, status in available_backends().items():

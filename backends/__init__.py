@@ -129,8 +129,9 @@ def _make_strict() -> Backend:
 
 
 _CUPY_HELP = (
-    "install the extra with `pip install 'tinytx[cupy]'` on a machine with an NVIDIA GPU "
-    "and a CUDA 12 driver, or choose `--backend numpy`"
+    "on a machine with an NVIDIA GPU install `pip install 'tinytx[cupy]'` (CUDA 13 driver, "
+    "cupy-cuda13x) or `pip install 'tinytx[cupy-cuda12]'` (CUDA 12 driver, cupy-cuda12x), "
+    "or choose `--backend numpy`"
 )
 
 

@@ -19,7 +19,6 @@ the definition then computes it.
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import math
 import os
 import threading
@@ -33,6 +32,7 @@ import numpy as np
 __all__ = [
     "NATIVES",
     "blockwise_attention",
+    "embedding_backward",
     "gelu",
     "get_num_threads",
     "layer_norm",
@@ -43,10 +43,44 @@ __all__ = [
     "softmax",
 ]
 
-# A block of about this many elements (256 KiB of float32) stays in a core's L2 cache.
-_BLOCK_ELEMENTS = 1 << 16
-# Below this many elements, starting threads costs more than it saves.
-_PARALLEL_MIN_ELEMENTS = 1 << 18
+_FALLBACK_L2_BYTES = 1 << 20  # when the OS does not say: 1 MiB, common on x86 and ARM cores
+
+
+def _l2_cache_bytes() -> int:
+    """One core's L2 cache in bytes, as the OS reports it (Linux sysfs, then sysconf),
+    else ``_FALLBACK_L2_BYTES``. Read at import, so block sizes follow the processor."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            folder = os.path.join(base, index)
+            with open(os.path.join(folder, "level"), encoding="ascii") as f:
+                level = f.read().strip()
+            with open(os.path.join(folder, "type"), encoding="ascii") as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(folder, "size"), encoding="ascii") as f:
+                    size = f.read().strip()  # "1024K"
+                units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    except (OSError, ValueError):
+        pass
+    try:
+        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        size = 0
+    return size if size > 0 else _FALLBACK_L2_BYTES
+
+
+# Sizes follow the processor's L2 cache, by rules rather than constants tuned on one
+# machine (the rules give 1 << 16 and 1 << 19 on a 1 MiB L2, the sizes measured best on
+# the 2-core EPYC where the natives were first written):
+# - a block of rows takes a quarter of L2 (in float32 elements), so that the block, the
+#   output it is written to and a scratch buffer stay in the core's cache together;
+_L2_BYTES = _l2_cache_bytes()
+_BLOCK_ELEMENTS = max(1 << 12, _L2_BYTES // 4 // 4)
+# - the pool is used from four blocks on: a pool task costs tens of microseconds, about
+#   what one block's passes take, so fewer blocks than that are faster on the caller.
+_PARALLEL_MIN_ELEMENTS = 4 * _BLOCK_ELEMENTS
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -238,70 +272,83 @@ def softmax(x: np.ndarray, axis: int = -1, *, mask: np.ndarray | None = None) ->
 # --- BLAS threads ----------------------------------------------------------------------
 #
 # Two Python threads calling a multi-threaded OpenBLAS at once fight over its one set of
-# worker threads: measured here, 128 products (128, 64) @ (64, 2048) from two pool threads
-# took 1.4-1.9 s with OpenBLAS at 2 threads against 75 ms at 1 thread. So work that calls
-# BLAS from the pool holds OpenBLAS to one thread meanwhile (the pool is the parallelism).
-# OpenBLAS's thread count is process-wide (its "_local" setter is too, for pthreads
-# builds), so one count of the callers inside such a section, under a lock, decides when
-# the caller's setting is put back.
+# worker threads: measured on a 2-core EPYC, 128 products (128, 64) @ (64, 2048) from two
+# pool threads took 1.4-1.9 s with OpenBLAS at 2 threads against 75 ms at 1 thread. So
+# work that calls BLAS from the pool holds BLAS to one thread meanwhile (the pool is the
+# parallelism). The thread counts are read and set through threadpoolctl, which knows
+# every BLAS NumPy may be built with (OpenBLAS, MKL, BLIS) and their symbol names.
+#
+# Two kinds of limit exist. A BLAS with a process-wide pool (OpenBLAS on pthreads, MKL,
+# BLIS) is set once for the whole section: one count of the callers inside, under a
+# lock, decides when the caller's setting is put back. A BLAS on OpenMP keeps a limit
+# per calling thread, so each of the pool's workers sets its own, once (those threads
+# are tinytx's and only ever run work that wants one BLAS thread).
 
-_GET_SET_NAMES = [
-    (f"{prefix}openblas_get_num_threads{suffix}", f"{prefix}openblas_set_num_threads{suffix}")
-    for prefix in ("", "scipy_")
-    for suffix in ("", "64_")
-]
-_blas_controls: list[tuple[Any, Any]] | None = None  # [(get, set)] per loaded OpenBLAS
+_blas_libs: list[Any] | None = None  # threadpoolctl LibControllers of the loaded BLAS
 _blas_lock = threading.Lock()
 _blas_single_callers = 0
 _blas_saved: list[int] = []
+_worker_state = threading.local()  # .blas_pinned: this pool thread set its OpenMP BLAS
 
 
-def _find_openblas() -> list[tuple[Any, Any]]:
-    """(get_num_threads, set_num_threads) of each OpenBLAS loaded in this process, found
-    by its path in /proc/self/maps (Linux); [] elsewhere or when NumPy uses another BLAS."""
+def _find_blas() -> list[Any]:
+    """threadpoolctl's controllers for the BLAS libraries loaded in this process, [] when
+    threadpoolctl finds none (or cannot run here)."""
     try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = {line.split(None, 5)[5].strip() for line in f if "openblas" in line.lower()}
-    except (OSError, IndexError):
+        from threadpoolctl import ThreadpoolController
+
+        return list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    except Exception:  # an unusual platform: behave as if BLAS's threads cannot be set
         return []
-    controls = []
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get_name, set_name in _GET_SET_NAMES:
-            if hasattr(lib, get_name) and hasattr(lib, set_name):
-                get, set_ = getattr(lib, get_name), getattr(lib, set_name)
-                get.restype, get.argtypes = ctypes.c_int, []
-                set_.restype, set_.argtypes = None, [ctypes.c_int]
-                controls.append((get, set_))
-                break
-    return controls
 
 
 def _can_pin_blas() -> bool:
     """Whether :func:`_blas_single_threaded` can hold BLAS to one thread here."""
-    global _blas_controls
+    global _blas_libs
     with _blas_lock:
-        if _blas_controls is None:
-            _blas_controls = _find_openblas()
-        return bool(_blas_controls)
+        if _blas_libs is None:
+            _blas_libs = _find_blas()
+        return bool(_blas_libs)
+
+
+def _per_thread(lib: Any) -> bool:
+    return getattr(lib, "threading_layer", None) == "openmp"
+
+
+def _set_blas_threads(lib: Any, n: int) -> None:
+    """Set ``lib``'s thread count from any thread. threadpoolctl lets only the first
+    thread that set OpenBLAS's (process-wide) count change it again, and silently ignores
+    the others; tinytx sets it only inside its own locked section, so it takes the turn
+    and gives it back, and a later ``threadpool_limits`` of the caller still works."""
+    clear = getattr(type(lib), "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+    lib.set_num_threads(n)
+    if clear is not None:
+        clear(force=True)
+
+
+def _blas_thread_counts() -> list[int | None]:
+    """The current thread count of each BLAS library tinytx controls (for tests)."""
+    _can_pin_blas()
+    return [lib.num_threads for lib in _blas_libs or []]
 
 
 @contextmanager
 def _blas_single_threaded() -> Iterator[None]:
-    """Hold OpenBLAS to one thread inside, then give back the caller's count."""
+    """Hold process-wide BLAS pools to one thread inside, then give back the caller's count.
+    (A per-thread OpenMP BLAS is limited by each pool worker instead: see
+    :func:`_map_with_blas_on_pool`.)"""
     global _blas_single_callers, _blas_saved
     if not _can_pin_blas():
         yield
         return
-    controls = _blas_controls or []
+    shared = [lib for lib in _blas_libs or [] if not _per_thread(lib)]
     with _blas_lock:
         if _blas_single_callers == 0:
-            _blas_saved = [get() for get, _ in controls]
-            for _, set_ in controls:
-                set_(1)
+            _blas_saved = [lib.num_threads for lib in shared]
+            for lib in shared:
+                _set_blas_threads(lib, 1)
         _blas_single_callers += 1
     try:
         yield
@@ -309,8 +356,18 @@ def _blas_single_threaded() -> Iterator[None]:
         with _blas_lock:
             _blas_single_callers -= 1
             if _blas_single_callers == 0:
-                for (_, set_), n in zip(controls, _blas_saved, strict=True):
-                    set_(n)
+                for lib, n in zip(shared, _blas_saved, strict=True):
+                    _set_blas_threads(lib, n)
+
+
+def _pin_this_worker() -> None:
+    """In a pool thread: limit a per-thread (OpenMP) BLAS to one thread, once."""
+    if getattr(_worker_state, "blas_pinned", False):
+        return
+    for lib in _blas_libs or []:
+        if _per_thread(lib):
+            lib.set_num_threads(1)
+    _worker_state.blas_pinned = True
 
 
 def _map_with_blas_on_pool(work: Callable[[Any], None], jobs: Sequence[Any]) -> None:
@@ -320,6 +377,7 @@ def _map_with_blas_on_pool(work: Callable[[Any], None], jobs: Sequence[Any]) -> 
     caller = contextvars.copy_context()
 
     def work_as_caller(job: Any) -> None:
+        _pin_this_worker()
         caller.copy().run(work, job)
 
     with _blas_single_threaded():
@@ -329,11 +387,11 @@ def _map_with_blas_on_pool(work: Callable[[Any], None], jobs: Sequence[Any]) -> 
 
 # --- attention -------------------------------------------------------------------------
 
-# A tile of about this many scores (2 MiB of float32: 256 query rows at seq_k 2048) stays
-# in the cache between its three steps (L2 1 MiB per core plus a shared 32 MiB L3 on the
-# 2-core AMD EPYC this was tuned on). Smaller tiles measured slower: every product
-# re-packs all of k (or v) for BLAS, so the number of products counts, too.
-_TILE_ELEMENTS = 1 << 19
+# A tile of scores is twice one core's L2 in bytes (2 MiB of float32 on a 1 MiB L2: 256
+# query rows at seq_k 2048): it stays in L2 plus its share of L3 between its three steps.
+# Half that measured slower on the 2-core EPYC: every product re-packs all of k (or v)
+# for BLAS, so fewer, larger products count as much as the cache does.
+_TILE_ELEMENTS = max(1 << 14, 2 * _L2_BYTES // 4)
 
 
 def scaled_dot_product_attention(
@@ -545,6 +603,29 @@ def layer_norm(
     return out
 
 
+def embedding_backward(grad_y: np.ndarray, ids: np.ndarray, num_embeddings: int) -> np.ndarray:
+    """Same as :func:`tinytx.functional.embedding_backward`: row v of the result is the sum
+    of the rows of grad_y whose id is v. Instead of a one-hot product (num_embeddings x n
+    multiply-adds per column) the rows are sorted by id and each run of equal ids summed
+    with ``np.add.reduceat`` (5-10x faster than ``np.add.at``).
+
+    grad_y: (..., d); ids: integer (...) in [0, num_embeddings) -> (num_embeddings, d).
+    """
+    if grad_y.dtype.kind != "f":
+        return NotImplemented
+    d = grad_y.shape[-1]
+    out = np.zeros((num_embeddings, d), dtype=grad_y.dtype)  # (V, d)
+    flat_ids = ids.reshape(-1)  # (n,)
+    if flat_ids.size == 0:
+        return out
+    order = np.argsort(flat_ids, kind="stable")  # (n,)  positions grouped by id
+    sorted_ids = flat_ids[order]  # (n,)
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # (u,) run starts
+    sums = np.add.reduceat(grad_y.reshape(-1, d)[order], starts, axis=0)  # (u, d)
+    out[sorted_ids[starts]] = sums
+    return out
+
+
 def relu(x: np.ndarray) -> np.ndarray:
     """Same as :func:`tinytx.functional.relu`: max(x, 0) elementwise."""
     out = np.empty_like(x)
@@ -559,7 +640,10 @@ def relu(x: np.ndarray) -> np.ndarray:
     return out
 
 
-# Products with at least this many rows per thread run on the pool (see linear).
+# Products with at least this many rows per thread run on the pool (see linear). The
+# rule: BLAS kernels work on panels of 4 to 32 rows (x86 AVX2/AVX-512 and ARM NEON/SVE
+# micro-kernels alike); with fewer rows per thread a share is matrix-vector-like,
+# bound by reading the weight, and splitting it gains nothing.
 _POOL_ROWS_PER_THREAD = 32
 
 
@@ -655,4 +739,5 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "relu": relu,
     "linear": linear,
     "gelu": gelu,
+    "embedding_backward": embedding_backward,
 }
