@@ -14,6 +14,7 @@ from tinytx.backends import (  # noqa: E402
     get_backend,
     use_backend,
 )
+from tinytx.backward import loss_and_grads, vjp  # noqa: E402
 from tinytx.pretrained import load_pretrained  # noqa: E402
 from tinytx.trace import trace  # noqa: E402
 
@@ -25,6 +26,8 @@ __all__ = [
     "current_backend",
     "get_backend",
     "load_pretrained",
+    "loss_and_grads",
     "trace",
     "use_backend",
+    "vjp",
 ]

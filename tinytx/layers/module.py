@@ -9,6 +9,21 @@ A module is a small object around a pure forward function. It keeps
 
 There is no autograd: a forward pass is plain array code. Calling a module checks that
 its inputs live on the module's backend and match its dtype, then runs ``forward``.
+
+Learning (backward passes, written by hand, llm.c style). A module that can be trained
+also has
+
+- ``out, saved = module.forward_and_save(*inputs, **kwargs)``: the forward, plus
+  ``saved``, a plain dict of the arrays (and the children's saved dicts) its backward
+  needs. Nothing is stored on the module, so one module can run many forwards at once;
+- ``input_grads, param_grads = module.backward(grad_out, saved)``: the vector-Jacobian
+  product. ``input_grads`` is a tuple with one entry per positional parameter of
+  ``forward`` (None for integer inputs such as token ids, and for optional inputs left
+  out); ``param_grads`` a dict with exactly the keys of ``parameters()``.
+
+A composite module calls its children's ``forward_and_save`` in order and their
+``backward`` in reverse, and names the children's gradients with :meth:`Module.prefix_grads`.
+:func:`tinytx.vjp` wraps the pair in JAX's convention.
 """
 
 from __future__ import annotations
@@ -23,7 +38,7 @@ from tinytx.trace import current_tracer
 
 Array = Any
 
-__all__ = ["BackendMismatchError", "Module", "StateDictError"]
+__all__ = ["BackendMismatchError", "Module", "NoBackwardError", "StateDictError"]
 
 
 class StateDictError(ValueError):
@@ -32,6 +47,10 @@ class StateDictError(ValueError):
 
 class BackendMismatchError(TypeError):
     """An input lives on another backend (or has another dtype) than the module's weights."""
+
+
+class NoBackwardError(NotImplementedError):
+    """Gradients were asked of a module that has no backward pass."""
 
 
 class Module:
@@ -170,7 +189,9 @@ class Module:
                 f"{self.dtype}; cast the input, or the module with .to(dtype={got!r})"
             )
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def check_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """The checks every call makes: the first input is an array, and every array
+        argument lives on this module's backend with its dtype (see :meth:`check_input`)."""
         if args and isinstance(args[0], (list, tuple, int, float)):
             raise TypeError(
                 f"{type(self).__name__} expects an array, got a {type(args[0]).__name__}; "
@@ -182,6 +203,9 @@ class Module:
         for name, arg in kwargs.items():
             if is_array_api_obj(arg):
                 self.check_input(arg, what=f"argument {name!r}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.check_call(args, kwargs)
         tracer = current_tracer()
         if tracer is None:
             return self.forward(*args, **kwargs)
@@ -189,6 +213,32 @@ class Module:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # --- learning --------------------------------------------------------------------
+
+    def forward_and_save(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        """``forward``, plus what ``backward`` needs: ``(out, saved)``.
+
+        Modules with a backward pass override this; the base class has none.
+        """
+        raise NoBackwardError(
+            f"{type(self).__name__} has no backward pass (no forward_and_save/backward); "
+            "gradients exist for the layers in tinytx.layers and for GPT"
+        )
+
+    def backward(self, grad_out: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """The vector-Jacobian product: ``(input_grads, param_grads)`` for cotangent
+        ``grad_out`` (the shape of the output) and the ``saved`` of ``forward_and_save``."""
+        raise NoBackwardError(f"{type(self).__name__} has no backward pass")
+
+    def prefix_grads(self, child: str, grads: Mapping[str, Array]) -> dict[str, Array]:
+        """A child's parameter gradients under this module's keys for it.
+
+        ``self.prefix_grads("out_proj", {"weight": g})`` -> ``{"out_proj.weight": g}``
+        (the prefix registered by :meth:`add_child`, so ``prefix=""`` children keep theirs).
+        """
+        prefix = self._children[child][0]
+        return {prefix + key: grad for key, grad in grads.items()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend.name!r}, dtype={self.dtype!r})"

@@ -70,6 +70,14 @@ class SinusoidalPositions(Module):
         )  # (seq, d_model)
         return x + table  # (batch, seq, d_model)
 
+    def forward_and_save(self, x: Array, offset: int = 0) -> tuple[Array, dict[str, Any]]:
+        """x + PE; saves nothing (the table is a constant)."""
+        return self.forward(x, offset), {}
+
+    def backward(self, grad_y: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """Adding a constant passes the gradient through: dx = dy; ``offset`` gets None."""
+        return (grad_y, None), {}
+
 
 class LearnedPositions(Module):
     """x + weight[offset : offset + seq], a learned table (max_len, d_model) drawn N(0, 0.02^2).
@@ -94,6 +102,22 @@ class LearnedPositions(Module):
         _check_room(seq, offset, self.max_len)
         return x + self.weight[offset : offset + seq, :]  # (batch, seq, d_model)
 
+    def forward_and_save(self, x: Array, offset: int = 0) -> tuple[Array, dict[str, Any]]:
+        """x + weight[offset : offset + seq]; saves the offset."""
+        return self.forward(x, offset), {"offset": offset}
+
+    def backward(self, grad_y: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """dx = dy;  dweight[offset + t] = sum over the batch of dy[:, t]; other rows get 0.
+
+        grad_y: (batch, seq, d_model) -> ((dx, None), {"weight": (max_len, d_model)}).
+        """
+        xp = array_namespace(grad_y)
+        offset, seq = saved["offset"], grad_y.shape[-2]
+        rows = xp.sum(xp.reshape(grad_y, (-1, seq, self.d_model)), axis=0)  # (seq, d_model)
+        grad_weight = xp.zeros_like(self.weight)  # (max_len, d_model)
+        grad_weight[offset : offset + seq, :] = rows
+        return (grad_y, None), {"weight": grad_weight}
+
 
 class RotaryEmbedding(Module):
     """Rotary position embedding (RoPE, Su et al. 2021), applied to queries and keys.
@@ -117,6 +141,20 @@ class RotaryEmbedding(Module):
         self.d_head, self.base = d_head, float(base)
 
     def forward(self, x: Array, offset: int = 0) -> Array:
+        return self._rotate(x, offset, sign=1.0)  # (batch, heads, seq, d_head)
+
+    def forward_and_save(self, x: Array, offset: int = 0) -> tuple[Array, dict[str, Any]]:
+        """The rotation; saves the offset (a rotation needs nothing else to be undone)."""
+        return self._rotate(x, offset, sign=1.0), {"offset": offset}
+
+    def backward(self, grad_y: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """A rotation R is orthogonal, so its vector-Jacobian product is R^T = R^-1: rotate
+        the gradient back by -p theta_i.  grad_y: (batch, heads, seq, d_head) -> ((dx, None), {}).
+        """
+        return (self._rotate(grad_y, saved["offset"], sign=-1.0), None), {}
+
+    def _rotate(self, x: Array, offset: int, sign: float) -> Array:
+        """Rotate the pairs by sign * p * theta_i (sign -1 undoes the rotation)."""
         xp = array_namespace(x)
         seq, d = x.shape[-2], x.shape[-1]
         if d != self.d_head:
@@ -127,7 +165,7 @@ class RotaryEmbedding(Module):
         i = xp.arange(half, dtype=x.dtype, device=device)  # (d/2,)
         theta = xp.exp(i * (-2.0 * math.log(self.base) / d))  # (d/2,)
         angles = pos[:, None] * theta[None, :]  # (seq, d/2)
-        cos, sin = xp.cos(angles), xp.sin(angles)  # (seq, d/2) each
+        cos, sin = xp.cos(angles), sign * xp.sin(angles)  # (seq, d/2) each
         x1, x2 = x[..., :half], x[..., half:]  # (batch, heads, seq, d/2) each
         rotated = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
         return xp.concat(rotated, axis=-1)  # (batch, heads, seq, d_head)
