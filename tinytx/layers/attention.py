@@ -127,12 +127,7 @@ class MultiHeadAttention(Module):
         if cache is not None and context is not None:
             raise ValueError("a KV cache is for self-attention; do not pass context with it")
         context = x if context is None else context
-        for name, value in (("x", x), ("context", context)):
-            if value.ndim != 3 or value.shape[-1] != self.d_model:
-                raise ValueError(
-                    f"MultiHeadAttention expects {name} of shape (batch, seq, {self.d_model}), "
-                    f"got {tuple(value.shape)}"
-                )
+        self._check_shapes(x, context)
         d, d_kv = self.d_model, self.d_kv
         if context is x:  # self-attention: one matrix product makes q, k and v together
             qkv = self._project(x, 0, d + 2 * d_kv)  # (batch, seq, d_model + 2 d_kv)
@@ -162,3 +157,110 @@ class MultiHeadAttention(Module):
                 "that does (e.g. 'softmax') to look at them"
             )
         return out, weights  # weights: (batch, heads, seq_q, seq_k)
+
+    def _check_shapes(self, x: Array, context: Array) -> None:
+        for name, value in (("x", x), ("context", context)):
+            if value.ndim != 3 or value.shape[-1] != self.d_model:
+                raise ValueError(
+                    f"MultiHeadAttention expects {name} of shape (batch, seq, {self.d_model}), "
+                    f"got {tuple(value.shape)}"
+                )
+
+    # --- learning --------------------------------------------------------------------
+
+    def forward_and_save(
+        self,
+        x: Array,
+        context: Array | None = None,
+        *,
+        mask: Array | None = None,
+        causal: bool = False,
+    ) -> tuple[Array, dict[str, Any]]:
+        """The forward (no cache); saves x, context, the heads q, k, v (k, v before their
+        grouped heads are repeated), the attention's output and weights, and out_proj's saved.
+
+        With ``context=None`` (self-attention) q, k, v come from one packed product; with a
+        context (even x itself) q comes from x and k, v from the context, so the backward
+        gives each its own gradient.
+        """
+        self._check_shapes(x, x if context is None else context)
+        d, d_kv = self.d_model, self.d_kv
+        if context is None:  # self-attention
+            qkv = self._project(x, 0, d + 2 * d_kv)  # (batch, seq, d_model + 2 d_kv)
+            q_flat, k_flat, v_flat = qkv[..., :d], qkv[..., d : d + d_kv], qkv[..., d + d_kv :]
+        else:
+            q_flat = self._project(x, 0, d)  # (batch, seq_q, d_model)
+            kv = self._project(context, d, d + 2 * d_kv)  # (batch, seq_k, 2 d_kv)
+            k_flat, v_flat = kv[..., :d_kv], kv[..., d_kv:]  # (batch, seq_k, d_kv) each
+        q = split_heads(q_flat, self.n_heads)  # (batch, heads, seq_q, d_head)
+        k = split_heads(k_flat, self.n_kv_heads)  # (batch, heads_kv, seq_k, d_head)
+        v = split_heads(v_flat, self.n_kv_heads)  # (batch, heads_kv, seq_k, d_head)
+        rotary_saved = None
+        if self.rotary is not None:
+            q, rotary_saved = self.rotary.forward_and_save(q)  # (batch, heads, seq_q, d_head)
+            k, _ = self.rotary.forward_and_save(k)  # (batch, heads_kv, seq_k, d_head)
+        k_all = F.repeat_kv(k, self.n_heads)  # (batch, heads, seq_k, d_head)
+        v_all = F.repeat_kv(v, self.n_heads)  # (batch, heads, seq_k, d_head)
+        options = self.attention_options
+        out, weights = self.attention(q, k_all, v_all, mask=mask, causal=causal, **options)
+        # out: (batch, heads, seq_q, d_head); weights: (batch, heads, seq_q, seq_k) or None
+        y, out_proj_saved = self.out_proj.forward_and_save(merge_heads(out))  # (b, seq_q, d)
+        saved = {
+            "x": x, "context": context, "q": q, "k": k, "v": v, "out": out,
+            "weights": weights, "mask": mask, "causal": causal, "rotary": rotary_saved,
+            "out_proj": out_proj_saved,
+        }  # fmt: skip
+        return y, saved
+
+    def backward(self, grad_y: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """Back through out_proj, the attention variant, rotary, and the projections.
+
+            d out          = split_heads(d merged),      d merged from out_proj's backward
+            dq, dk, dv     = the variant's backward       (k, v repeated to all heads)
+            dk, dv         = summed over each group of query heads (repeat_kv_backward)
+            dq, dk         = rotated back (rotary only)
+            d in_proj, dx  = linear_backward of [dq dk dv] (self) or of dq / [dk dv] (cross)
+
+        grad_y: (batch, seq_q, d_model) -> ((dx, dcontext or None), {"in_proj_weight",
+        "in_proj_bias", "out_proj.weight", "out_proj.bias"}).
+        """
+        xp = array_namespace(grad_y)
+        q, k, v = saved["q"], saved["k"], saved["v"]
+        (grad_merged,), out_proj_grads = self.out_proj.backward(grad_y, saved["out_proj"])
+        grad_out = split_heads(grad_merged, self.n_heads)  # (batch, heads, seq_q, d_head)
+        k_all = F.repeat_kv(k, self.n_heads)  # (batch, heads, seq_k, d_head)
+        v_all = F.repeat_kv(v, self.n_heads)  # (batch, heads, seq_k, d_head)
+        out, weights, options = saved["out"], saved["weights"], self.attention_options
+        mask, causal = saved["mask"], saved["causal"]
+        grad_q, grad_k, grad_v = self.attention.backward(
+            grad_out, q, k_all, v_all, out, weights, mask=mask, causal=causal, **options
+        )  # (batch, heads, seq_q, d_head), (batch, heads, seq_k, d_head) x 2
+        grad_k = F.repeat_kv_backward(grad_k, self.n_kv_heads)  # (batch, heads_kv, seq_k, d_head)
+        grad_v = F.repeat_kv_backward(grad_v, self.n_kv_heads)  # (batch, heads_kv, seq_k, d_head)
+        if self.rotary is not None:
+            (grad_q, _), _ = self.rotary.backward(grad_q, saved["rotary"])  # rotated back
+            (grad_k, _), _ = self.rotary.backward(grad_k, saved["rotary"])
+        grad_q = merge_heads(grad_q)  # (batch, seq_q, d_model)
+        grad_kv = xp.concat([merge_heads(grad_k), merge_heads(grad_v)], axis=-1)  # (b, s_k, 2 d_kv)
+        has_bias = self.in_proj_bias is not None
+        if saved["context"] is None:  # self-attention: one packed product made q, k, v
+            grad_qkv = xp.concat([grad_q, grad_kv], axis=-1)  # (batch, seq, d_model + 2 d_kv)
+            grad_x, grad_weight, grad_bias = F.linear_backward(
+                grad_qkv, saved["x"], self.in_proj_weight, bias=has_bias
+            )  # (batch, seq, d_model), (rows, d_model), (rows,)
+            grad_context = None
+        else:  # q from x, k and v from the context: the packed rows' gradients concatenated
+            d = self.d_model
+            grad_x, grad_wq, grad_bq = F.linear_backward(
+                grad_q, saved["x"], self.in_proj_weight[:d, :], bias=has_bias
+            )  # (batch, seq_q, d_model), (d_model, d_model), (d_model,)
+            grad_context, grad_wkv, grad_bkv = F.linear_backward(
+                grad_kv, saved["context"], self.in_proj_weight[d:, :], bias=has_bias
+            )  # (batch, seq_k, d_model), (2 d_kv, d_model), (2 d_kv,)
+            grad_weight = xp.concat([grad_wq, grad_wkv], axis=0)  # (rows, d_model)
+            grad_bias = xp.concat([grad_bq, grad_bkv], axis=0) if has_bias else None
+        grads = {"in_proj_weight": grad_weight}
+        if has_bias:
+            grads["in_proj_bias"] = grad_bias
+        grads.update(self.prefix_grads("out_proj", out_proj_grads))
+        return (grad_x, grad_context), grads

@@ -27,7 +27,55 @@ from tinytx.layers.module import Module
 
 Array = Any
 
-__all__ = ["DecoderBlock", "EncoderBlock", "make_norm"]
+__all__ = [
+    "DecoderBlock",
+    "EncoderBlock",
+    "make_norm",
+    "residual_backward",
+    "residual_forward_and_save",
+]
+
+
+def residual_forward_and_save(
+    x: Array, norm: Module, sublayer: Module, norm_first: bool, *args: Any, **kwargs: Any
+) -> tuple[Array, dict[str, Any]]:
+    """One residual step, keeping what its backward needs.
+
+    pre-norm:  y = x + sublayer(norm(x), *args, **kwargs)
+    post-norm: y = norm(x + sublayer(x, *args, **kwargs))
+    x: (batch, seq, d_model) -> (batch, seq, d_model), and the norm's and sublayer's saved.
+    """
+    if norm_first:
+        h, norm_saved = norm.forward_and_save(x)  # (batch, seq, d_model)
+        out, sublayer_saved = sublayer.forward_and_save(h, *args, **kwargs)
+        return x + out, {"norm": norm_saved, "sublayer": sublayer_saved}
+    out, sublayer_saved = sublayer.forward_and_save(x, *args, **kwargs)  # (batch, seq, d_model)
+    y, norm_saved = norm.forward_and_save(x + out)  # (batch, seq, d_model)
+    return y, {"norm": norm_saved, "sublayer": sublayer_saved}
+
+
+def residual_backward(
+    grad_y: Array, saved: dict[str, Any], norm: Module, sublayer: Module, norm_first: bool
+) -> tuple[Array, tuple, dict[str, Array], dict[str, Array]]:
+    """Backward of :func:`residual_forward_and_save`. The residual x + f(...) sends the
+    gradient both ways: straight on to x and through f; the two add up at x.
+
+    pre-norm:  dx = dy + norm^T(sublayer^T(dy))
+    post-norm: dz = norm^T(dy);  dx = dz + sublayer^T(dz)
+    (f^T: that module's backward). grad_y: (batch, seq, d_model) -> (dx, the sublayer's
+    other input grads (e.g. d memory), the norm's param grads, the sublayer's param grads).
+    """
+    if norm_first:
+        (grad_h, *grad_others), sublayer_grads = sublayer.backward(grad_y, saved["sublayer"])
+        (grad_through_norm,), norm_grads = norm.backward(grad_h, saved["norm"])
+        grad_x = grad_y + grad_through_norm  # (batch, seq, d_model)
+    else:
+        (grad_z,), norm_grads = norm.backward(grad_y, saved["norm"])  # z = x + sublayer(x)
+        (grad_through_sublayer, *grad_others), sublayer_grads = sublayer.backward(
+            grad_z, saved["sublayer"]
+        )
+        grad_x = grad_z + grad_through_sublayer  # (batch, seq, d_model)
+    return grad_x, tuple(grad_others), norm_grads, sublayer_grads
 
 
 def make_norm(kind: str, d_model: int, eps: float, backend: Backend) -> Module:
@@ -109,6 +157,33 @@ class EncoderBlock(Module):
             x = self.norm2(x + self.ff(x))  # (batch, seq, d_model)
         return (x, weights) if return_weights else x
 
+    def forward_and_save(
+        self, x: Array, *, mask: Array | None = None, causal: bool = False
+    ) -> tuple[Array, dict[str, Any]]:
+        """The two residual steps; saves each one's (norm and sublayer) saved state."""
+        x, attn_saved = residual_forward_and_save(
+            x, self.norm1, self.self_attn, self.norm_first, mask=mask, causal=causal
+        )  # (batch, seq, d_model)
+        x, ff_saved = residual_forward_and_save(x, self.norm2, self.ff, self.norm_first)
+        return x, {"attn": attn_saved, "ff": ff_saved}  # x: (batch, seq, d_model)
+
+    def backward(self, grad_y: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """The feed-forward step's backward, then the attention step's (reverse order).
+
+        grad_y: (batch, seq, d_model) -> ((dx,), grads keyed like ``parameters()``).
+        """
+        grad_x, _, norm2_grads, ff_grads = residual_backward(
+            grad_y, saved["ff"], self.norm2, self.ff, self.norm_first
+        )  # (batch, seq, d_model)
+        grad_x, _, norm1_grads, attn_grads = residual_backward(
+            grad_x, saved["attn"], self.norm1, self.self_attn, self.norm_first
+        )  # (batch, seq, d_model)
+        grads = self.prefix_grads("self_attn", attn_grads)
+        grads.update(self.prefix_grads("ff", ff_grads))
+        grads.update(self.prefix_grads("norm1", norm1_grads))
+        grads.update(self.prefix_grads("norm2", norm2_grads))
+        return (grad_x,), grads
+
 
 class DecoderBlock(Module):
     """Causal self-attention, optional cross-attention to an encoder's output, feed-forward.
@@ -185,12 +260,7 @@ class DecoderBlock(Module):
         return_weights: bool = False,
         cache: LayerKVCache | None = None,
     ) -> Array | tuple[Array, dict[str, Array]]:
-        if (memory is None) != (self.multihead_attn is None):
-            raise ValueError(
-                "this DecoderBlock was built with cross_attention="
-                f"{self.multihead_attn is not None}; pass memory if and only if it has "
-                "cross-attention"
-            )
+        self._check_memory(memory)
         weights: dict[str, Array] = {}
 
         def residual(x: Array, norm: Module, sublayer: Any) -> Array:
@@ -215,3 +285,60 @@ class DecoderBlock(Module):
             x = residual(x, self.norms[1], cross)  # (batch, seq, d_model)
         x = residual(x, self.norms[-1], self.ff)  # (batch, seq, d_model)
         return (x, weights) if return_weights else x
+
+    def _check_memory(self, memory: Array | None) -> None:
+        if (memory is None) != (self.multihead_attn is None):
+            raise ValueError(
+                "this DecoderBlock was built with cross_attention="
+                f"{self.multihead_attn is not None}; pass memory if and only if it has "
+                "cross-attention"
+            )
+
+    def forward_and_save(
+        self,
+        x: Array,
+        memory: Array | None = None,
+        *,
+        mask: Array | None = None,
+        memory_mask: Array | None = None,
+        causal: bool = True,
+    ) -> tuple[Array, dict[str, Any]]:
+        """The residual steps (no cache); saves each one's saved state."""
+        self._check_memory(memory)
+        saved: dict[str, Any] = {}
+        x, saved["self"] = residual_forward_and_save(
+            x, self.norms[0], self.self_attn, self.norm_first, mask=mask, causal=causal
+        )  # (batch, seq, d_model)
+        if self.multihead_attn is not None:
+            x, saved["cross"] = residual_forward_and_save(
+                x, self.norms[1], self.multihead_attn, self.norm_first, memory, mask=memory_mask
+            )  # (batch, seq, d_model): queries from x, keys and values from memory
+        x, saved["ff"] = residual_forward_and_save(x, self.norms[-1], self.ff, self.norm_first)
+        return x, saved  # x: (batch, seq, d_model)
+
+    def backward(self, grad_y: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """Feed-forward, cross-attention, self-attention steps' backwards, in that order.
+        The memory's gradient comes from the cross-attention's keys and values only.
+
+        grad_y: (batch, seq, d_model) -> ((dx, dmemory or None), grads keyed like
+        ``parameters()``); dmemory: (batch, seq_m, d_model).
+        """
+        n = len(self.norms)
+        grad_x, _, norm_grads, ff_grads = residual_backward(
+            grad_y, saved["ff"], self.norms[-1], self.ff, self.norm_first
+        )  # (batch, seq, d_model)
+        grads = self.prefix_grads("ff", ff_grads)
+        grads.update(self.prefix_grads(f"norm{n}", norm_grads))
+        grad_memory = None
+        if self.multihead_attn is not None:
+            grad_x, (grad_memory,), norm_grads, cross_grads = residual_backward(
+                grad_x, saved["cross"], self.norms[1], self.multihead_attn, self.norm_first
+            )  # (batch, seq, d_model), (batch, seq_m, d_model)
+            grads.update(self.prefix_grads("multihead_attn", cross_grads))
+            grads.update(self.prefix_grads("norm2", norm_grads))
+        grad_x, _, norm_grads, self_grads = residual_backward(
+            grad_x, saved["self"], self.norms[0], self.self_attn, self.norm_first
+        )  # (batch, seq, d_model)
+        grads.update(self.prefix_grads("self_attn", self_grads))
+        grads.update(self.prefix_grads("norm1", norm_grads))
+        return (grad_x, grad_memory), grads
