@@ -36,7 +36,17 @@ from tinytx.layers.positions import LearnedPositions
 
 Array = Any
 
-__all__ = ["GPT", "GPTConfig", "conv1d_to_linear", "gpt2_config", "gpt2_state_dict", "load_gpt2"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "conv1d_to_linear",
+    "gpt2_config",
+    "gpt2_config_dict",
+    "gpt2_state_dict",
+    "gpt2_tensors",
+    "load_gpt2",
+    "save_gpt2",
+]
 
 POSITIONS = ("learned", "rotary", "none")
 
@@ -270,6 +280,59 @@ class GPT(Module):
         """logits = x E^T, the token embedding read backwards.  (..., d) -> (..., vocab)."""
         return F.linear(x, self.token_embedding.weight)  # (..., vocab)
 
+    # --- learning --------------------------------------------------------------------
+
+    def forward_and_save(self, ids: Array) -> tuple[Array, dict[str, Any]]:
+        """``model(ids)`` (no cache, every position); saves each layer's saved state.
+
+        ids: int (batch, seq) -> logits (batch, seq, vocab), saved.
+        """
+        self._check_ids(ids, None)
+        saved: dict[str, Any] = {"layers": []}
+        x, saved["token_embedding"] = self.token_embedding.forward_and_save(ids)  # (b, s, d)
+        if self.position_embedding is not None:
+            x, saved["positions"] = self.position_embedding.forward_and_save(x)  # (b, s, d)
+        for layer in self.layers:
+            x, layer_saved = layer.forward_and_save(x, causal=True)  # (batch, seq, d_model)
+            saved["layers"].append(layer_saved)
+        x, saved["norm"] = self.norm.forward_and_save(x)  # (batch, seq, d_model)
+        if self.head is not None:
+            logits, saved["head"] = self.head.forward_and_save(x)  # (batch, seq, vocab)
+        else:
+            logits, saved["head_input"] = self._tied_head(x), x  # (batch, seq, vocab)
+        return logits, saved
+
+    def backward(self, grad_logits: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """Head, final norm, the layers from last to first, positions, token embedding.
+
+        With a tied head E is used twice, logits = LN_f(h_L) E^T and h_0 = E[ids] + P, so
+        its gradient is the sum of both uses: dE = dlogits^T LN_f(h_L) + scatter-add of dh_0.
+        grad_logits: (batch, seq, vocab) -> ((None,), grads keyed like ``parameters()``).
+        """
+        grads: dict[str, Array] = {}
+        if self.head is not None:
+            (grad_x,), head_grads = self.head.backward(grad_logits, saved["head"])
+            grads.update(self.prefix_grads("head", head_grads))
+        else:  # logits = x E^T: a linear layer without bias whose weight is E
+            grad_x, grad_head_weight, _ = F.linear_backward(
+                grad_logits, saved["head_input"], self.token_embedding.weight, bias=False
+            )  # (batch, seq, d_model), (vocab, d_model)
+        (grad_x,), norm_grads = self.norm.backward(grad_x, saved["norm"])  # (b, s, d)
+        grads.update(self.prefix_grads("norm", norm_grads))
+        for i in reversed(range(len(self.layers))):
+            (grad_x, _), layer_grads = self.layers[i].backward(grad_x, saved["layers"][i])
+            grads.update(self.prefix_grads(f"layers.{i}", layer_grads))  # grad_x: (b, s, d)
+        if self.position_embedding is not None:
+            (grad_x, _), position_grads = self.position_embedding.backward(
+                grad_x, saved["positions"]
+            )  # (batch, seq, d_model)
+            grads.update(self.prefix_grads("position_embedding", position_grads))
+        _, embedding_grads = self.token_embedding.backward(grad_x, saved["token_embedding"])
+        if self.head is None:  # the tied head's share of dE
+            embedding_grads["weight"] = embedding_grads["weight"] + grad_head_weight
+        grads.update(self.prefix_grads("token_embedding", embedding_grads))
+        return (None,), grads
+
     def generate(self, ids: Any, max_new_tokens: int, **options: Any) -> Any:
         """``ids`` with ``max_new_tokens`` generated tokens appended; see
         :func:`tinytx.generate.generate` for the options (temperature, top_k, top_p, seed,
@@ -385,6 +448,88 @@ def gpt2_state_dict(tensors: Mapping[str, Any], config: GPTConfig) -> dict[str, 
     return state
 
 
+def gpt2_tensors(state: Mapping[str, Any], config: GPTConfig) -> dict[str, Any]:
+    """The inverse of :func:`gpt2_state_dict`: a :class:`GPT` state dict (host arrays) ->
+    GPT-2's tensors with Hugging Face's names (``transformer.h.0.attn.c_attn.weight``...).
+
+    Linear weights are transposed back to Conv1D's (d_in, d_out); a tied head writes no
+    ``lm_head.weight`` (Hugging Face ties it to ``wte`` on load). Raises ValueError for a
+    configuration GPT-2's format cannot hold (see :func:`gpt2_config_dict`).
+    """
+    gpt2_config_dict(config)  # refuses what GPT-2 cannot express
+    ours_to_gpt2 = {ours: (key, conv) for key, (ours, conv) in _GPT2_LAYER_KEYS.items()}
+    top = {ours: key for key, ours in _GPT2_TOP_KEYS.items()}
+    tensors = {}
+    for name, value in state.items():
+        match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        if match and match.group(2) in ours_to_gpt2:
+            key, is_conv1d = ours_to_gpt2[match.group(2)]
+            key = f"transformer.h.{match.group(1)}.{key}"
+            value = conv1d_to_linear(value) if is_conv1d else value  # a transpose both ways
+        elif name in top:
+            key = top[name] if name == "head.weight" else f"transformer.{top[name]}"
+        else:
+            raise ValueError(f"GPT key {name!r} has no GPT-2 name")
+        tensors[key] = value
+    return tensors
+
+
+def gpt2_config_dict(config: GPTConfig) -> dict[str, Any]:
+    """A GPTConfig -> Hugging Face GPT-2's config.json (a dict); :func:`gpt2_config` reads it.
+
+    GPT-2's format has learned positions, LayerNorm, biases and as many key/value heads as
+    query heads; a configuration without them raises ValueError naming the setting.
+    """
+    unsupported = {
+        "positions": (config.positions, "learned"),
+        "norm": (config.norm, "layer"),
+        "bias": (config.bias, True),
+        "n_kv_heads": (config.kv_heads, config.n_heads),
+    }
+    for name, (value, needed) in unsupported.items():
+        if value != needed:
+            raise ValueError(
+                f"GPT-2's format needs {name}={needed!r}; this model has {name}={value!r}"
+            )
+    activation = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[config.activation]
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context_length,
+        "n_ctx": config.context_length,
+        "n_embd": config.d_model,
+        "n_head": config.n_heads,
+        "n_layer": config.n_layers,
+        "n_inner": config.ff_width,
+        "activation_function": activation,
+        "layer_norm_epsilon": config.eps,
+        "tie_word_embeddings": config.tied_head,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+
+
+def save_gpt2(model: GPT, folder: str | Path) -> None:
+    """Write ``model`` as a Hugging Face GPT-2 folder: config.json and model.safetensors
+    (float32). :func:`load_gpt2` and transformers' ``GPT2LMHeadModel`` both read it."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = gpt2_config_dict(model.config)
+    tensors = gpt2_tensors(model.state_dict(), model.config)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def load_gpt2(
     folder: str | Path,
     config: Mapping[str, Any],
@@ -396,11 +541,11 @@ def load_gpt2(
     Called by :func:`tinytx.load_pretrained` for ``model_type == "gpt2"``. Missing,
     unexpected or mis-shaped tensors raise one CheckpointError listing them all.
     """
-    from tinytx.pretrained import CheckpointError, read_safetensors
+    from tinytx.pretrained import CheckpointError, read_safetensors, weights_file
 
     folder = Path(folder)
     cfg = gpt2_config(config)
-    tensors = read_safetensors(folder / "model.safetensors")
+    tensors = read_safetensors(weights_file(folder, "AutoModelForCausalLM"))  # never pickle
     model = GPT(cfg, attention=attention, backend=resolve_backend(backend))
     try:
         model.load_state_dict(gpt2_state_dict(tensors, cfg))
