@@ -9,9 +9,9 @@ is in :mod:`tinytx.functional`.
 from tinytx.layers.attention import MultiHeadAttention, merge_heads, split_heads
 from tinytx.layers.basic import Embedding, FeedForward, LayerNorm, Linear, RMSNorm
 from tinytx.layers.blocks import DecoderBlock, EncoderBlock
-from tinytx.layers.encoder import Encoder, mean_pool
+from tinytx.layers.encoder import Encoder, mean_pool, mean_pool_backward
 from tinytx.layers.masks import causal_mask, padding_mask
-from tinytx.layers.module import BackendMismatchError, Module, StateDictError
+from tinytx.layers.module import BackendMismatchError, Module, NoBackwardError, StateDictError
 from tinytx.layers.positions import (
     LearnedPositions,
     RotaryEmbedding,
@@ -31,12 +31,14 @@ __all__ = [
     "Linear",
     "Module",
     "MultiHeadAttention",
+    "NoBackwardError",
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositions",
     "StateDictError",
     "causal_mask",
     "mean_pool",
+    "mean_pool_backward",
     "merge_heads",
     "padding_mask",
     "sinusoidal_table",

@@ -24,7 +24,7 @@ from tinytx.layers.positions import LearnedPositions, SinusoidalPositions
 
 Array = Any
 
-__all__ = ["Encoder", "mean_pool"]
+__all__ = ["Encoder", "mean_pool", "mean_pool_backward"]
 
 POSITIONS = (None, "sinusoidal", "learned", "rotary")
 
@@ -49,6 +49,26 @@ def mean_pool(hidden: Array, mask: Array | None = None) -> Array:
     total = xp.sum(hidden * keep, axis=1)  # (batch, d)
     count = xp.sum(keep, axis=1)  # (batch, 1)
     return total / xp.maximum(count, xp.ones_like(count))  # (batch, d)
+
+
+def mean_pool_backward(grad_pooled: Array, seq: int, mask: Array | None = None) -> Array:
+    """Gradient of :func:`mean_pool`: each real token gets an equal share of the gradient.
+
+    pooled = sum_t m_t h_t / n with n = max(sum_t m_t, 1), so dh_t = m_t / n * dpooled:
+    padded tokens get exactly zero, and so does every token of a sequence with none real.
+    grad_pooled: (batch, d); seq: the hidden states' length; mask as for mean_pool
+    -> grad_hidden (batch, seq, d).
+    """
+    xp = array_namespace(grad_pooled)
+    batch, d = grad_pooled.shape
+    if mask is None:
+        share = grad_pooled[:, None, :] * (1.0 / seq)  # (batch, 1, d)
+        return xp.broadcast_to(share, (batch, seq, d))  # (batch, seq, d)
+    keep = xp.astype(mask[:, 0, 0, :], grad_pooled.dtype)  # (batch or 1, seq)
+    keep = xp.broadcast_to(keep, (batch, seq))[:, :, None]  # (batch, seq, 1)
+    count = xp.sum(keep, axis=1)  # (batch, 1)
+    per_token = grad_pooled / xp.maximum(count, xp.ones_like(count))  # (batch, d)  dpooled / n
+    return keep * per_token[:, None, :]  # (batch, seq, d)
 
 
 class Encoder(Module):
@@ -154,3 +174,40 @@ class Encoder(Module):
         if self.pooling == "mean":
             x = mean_pool(x, mask)  # (batch, d_model)
         return (x, all_weights) if return_weights else x
+
+    def forward_and_save(
+        self, x: Array, *, mask: Array | None = None, causal: bool = False
+    ) -> tuple[Array, dict[str, Any]]:
+        """Positions, the blocks, the final norm and pooling; saves each one's saved state."""
+        saved: dict[str, Any] = {"layers": [], "mask": mask, "seq": x.shape[1]}
+        if self.positions is not None:
+            x, saved["positions"] = self.positions.forward_and_save(x)  # (batch, seq, d_model)
+        for layer in self.layers:
+            x, layer_saved = layer.forward_and_save(x, mask=mask, causal=causal)  # (b, s, d)
+            saved["layers"].append(layer_saved)
+        if self.norm is not None:
+            x, saved["norm"] = self.norm.forward_and_save(x)  # (batch, seq, d_model)
+        if self.pooling == "mean":
+            x = mean_pool(x, mask)  # (batch, d_model)
+        return x, saved
+
+    def backward(self, grad_y: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
+        """Pooling, final norm, the blocks from last to first, positions (reverse order).
+
+        grad_y: (batch, seq, d_model), or (batch, d_model) when pooled
+        -> ((dx (batch, seq, d_model),), grads keyed like ``parameters()``).
+        """
+        grads: dict[str, Array] = {}
+        grad_x = grad_y
+        if self.pooling == "mean":
+            grad_x = mean_pool_backward(grad_y, saved["seq"], saved["mask"])  # (b, s, d)
+        if self.norm is not None:
+            (grad_x,), norm_grads = self.norm.backward(grad_x, saved["norm"])  # (b, s, d)
+            grads.update(self.prefix_grads("norm", norm_grads))
+        for i in reversed(range(len(self.layers))):
+            (grad_x,), layer_grads = self.layers[i].backward(grad_x, saved["layers"][i])
+            grads.update(self.prefix_grads(f"layers.{i}", layer_grads))  # grad_x: (b, s, d)
+        if self.positions is not None:
+            (grad_x, _), position_grads = self.positions.backward(grad_x, saved["positions"])
+            grads.update(self.prefix_grads("positions", position_grads))
+        return (grad_x,), grads  # grad_x: (batch, seq, d_model)
