@@ -2,7 +2,8 @@
 
 Read them in this order: :mod:`~tinytx.layers.basic` (Linear, Embedding, norms,
 feed-forward), :mod:`~tinytx.layers.positions`, :mod:`~tinytx.layers.attention`,
-:mod:`~tinytx.layers.blocks`, :mod:`~tinytx.layers.encoder`. The arithmetic they share
+:mod:`~tinytx.layers.blocks`, :mod:`~tinytx.layers.encoder`,
+:mod:`~tinytx.layers.transformer`. The arithmetic they share
 is in :mod:`tinytx.functional`.
 """
 
@@ -18,6 +19,7 @@ from tinytx.layers.positions import (
     SinusoidalPositions,
     sinusoidal_table,
 )
+from tinytx.layers.transformer import Transformer, TransformerDecoder
 
 __all__ = [
     "BackendMismatchError",
@@ -36,6 +38,8 @@ __all__ = [
     "RotaryEmbedding",
     "SinusoidalPositions",
     "StateDictError",
+    "Transformer",
+    "TransformerDecoder",
     "causal_mask",
     "mean_pool",
     "mean_pool_backward",

@@ -63,6 +63,8 @@ class MultiHeadAttention(Module):
     With a :class:`~tinytx.layers.kv_cache.LayerKVCache` (self-attention only), x holds the
     *new* positions: their keys and values are appended to the cache, the queries attend to
     every cached position (seq_k = cached + seq_q), and rotary starts at the cached length.
+    ``context_kv`` (cross-attention only): the context's keys and values from
+    :meth:`project_context`, reused instead of projecting the context again.
     """
 
     def __init__(
@@ -114,6 +116,18 @@ class MultiHeadAttention(Module):
         bias = None if self.in_proj_bias is None else self.in_proj_bias[start:stop]
         return F.linear(x, weight, bias)
 
+    def project_context(self, context: Array) -> tuple[Array, Array]:
+        """Cross-attention's keys and values of ``context``, before the heads are split.
+
+        A decoder generating token by token attends to the same encoder output at every
+        step: it computes these once per input and passes them back as ``context_kv=``.
+        context: (batch, seq_k, d_model) -> k, v: (batch, seq_k, d_kv) each.
+        """
+        d, d_kv = self.d_model, self.d_kv
+        k_flat = self._project(context, d, d + d_kv)  # (batch, seq_k, d_kv)
+        v_flat = self._project(context, d + d_kv, d + 2 * d_kv)  # (batch, seq_k, d_kv)
+        return k_flat, v_flat
+
     def forward(
         self,
         x: Array,
@@ -123,6 +137,7 @@ class MultiHeadAttention(Module):
         causal: bool = False,
         return_weights: bool = False,
         cache: LayerKVCache | None = None,
+        context_kv: tuple[Array, Array] | None = None,
     ) -> Array | tuple[Array, Array]:
         if cache is not None and context is not None:
             raise ValueError("a KV cache is for self-attention; do not pass context with it")
@@ -134,8 +149,9 @@ class MultiHeadAttention(Module):
             q_flat, k_flat, v_flat = qkv[..., :d], qkv[..., d : d + d_kv], qkv[..., d + d_kv :]
         else:
             q_flat = self._project(x, 0, d)  # (batch, seq_q, d_model)
-            k_flat = self._project(context, d, d + d_kv)  # (batch, seq_k, d_kv)
-            v_flat = self._project(context, d + d_kv, d + 2 * d_kv)  # (batch, seq_k, d_kv)
+            if context_kv is None:
+                context_kv = self.project_context(context)
+            k_flat, v_flat = context_kv  # (batch, seq_k, d_kv) each
         q = split_heads(q_flat, self.n_heads)  # (batch, heads, seq_q, d_head)
         k = split_heads(k_flat, self.n_kv_heads)  # (batch, heads_kv, seq_k, d_head)
         v = split_heads(v_flat, self.n_kv_heads)  # (batch, heads_kv, seq_k, d_head)

@@ -203,7 +203,9 @@ class DecoderBlock(Module):
     d_model) -> (batch, seq, d_model), with ``return_weights=True`` also a dict with the
     ``"self"`` (batch, heads, seq, seq) and ``"cross"`` (batch, heads, seq, seq_m) weights.
     ``cache`` (a :class:`~tinytx.layers.kv_cache.LayerKVCache`) goes to the self-attention:
-    x then holds only the new positions (see :class:`MultiHeadAttention`).
+    x then holds only the new positions (see :class:`MultiHeadAttention`). ``memory_kv``
+    goes to the cross-attention: the memory's keys and values from its
+    ``project_context``, computed once per input when decoding token by token.
     """
 
     def __init__(
@@ -259,6 +261,7 @@ class DecoderBlock(Module):
         causal: bool = True,
         return_weights: bool = False,
         cache: LayerKVCache | None = None,
+        memory_kv: tuple[Array, Array] | None = None,
     ) -> Array | tuple[Array, dict[str, Array]]:
         self._check_memory(memory)
         weights: dict[str, Array] = {}
@@ -281,7 +284,10 @@ class DecoderBlock(Module):
         self_attn = attend("self", self.self_attn, mask=mask, causal=causal, cache=cache)
         x = residual(x, self.norms[0], self_attn)  # (batch, seq, d_model)
         if self.multihead_attn is not None:
-            cross = attend("cross", self.multihead_attn, context=memory, mask=memory_mask)
+            cross = attend(
+                "cross", self.multihead_attn, context=memory, mask=memory_mask,
+                context_kv=memory_kv,
+            )  # fmt: skip
             x = residual(x, self.norms[1], cross)  # (batch, seq, d_model)
         x = residual(x, self.norms[-1], self.ff)  # (batch, seq, d_model)
         return (x, weights) if return_weights else x
