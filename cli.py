@@ -459,7 +459,14 @@ def _texts(texts: tuple[str, ...], file: Any) -> list[str]:
     """TEXT arguments, then the lines of --file (blank lines skipped); at least one."""
     found = list(texts)
     if file is not None:
-        found += [line.rstrip("\r\n") for line in file if line.strip()]
+        try:
+            found += [line.rstrip("\r\n") for line in file if line.strip()]
+        except UnicodeDecodeError as err:
+            raise click.BadParameter(
+                f"{file.name} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                f"{err.start}); save it as UTF-8",
+                param_hint="'--file'",
+            ) from None
     if not found:
         raise click.UsageError("give at least one TEXT (or --file with one text per line)")
     return found
@@ -731,9 +738,11 @@ def generate(
     attention: str,
 ) -> None:
     """Continue PROMPT with a GPT-2 model, printing the tokens as they come."""
+    import itertools
     import time
 
     from tinytx.generate import GenerationError, check_sampling, load_text_model
+    from tinytx.plugins import AttentionError
     from tinytx.pretrained import CheckpointError
 
     attention = _attention_name(attention)
@@ -755,10 +764,18 @@ def generate(
     except (GenerationError, CheckpointError) as err:
         raise CommandError(str(err)) from None
     start, tokens = time.perf_counter(), 0
+    try:  # the prefill and the first step, where most failures show, before any output
+        first = list(itertools.islice(pieces, 1))
+    except (GenerationError, AttentionError) as err:
+        raise CommandError(_one_line(err)) from None
     click.echo(prompt, nl=False)
-    for piece in pieces:  # one piece of text per generated token
-        click.echo(piece, nl=False)  # echo flushes: each piece shows as soon as it exists
-        tokens += 1
+    try:
+        for piece in itertools.chain(first, pieces):  # one piece of text per generated token
+            click.echo(piece, nl=False)  # echo flushes: each piece shows as soon as it exists
+            tokens += 1
+    except (GenerationError, AttentionError) as err:
+        click.echo()  # the error goes to stderr on a line of its own
+        raise CommandError(_one_line(err)) from None
     seconds = time.perf_counter() - start
     click.echo()
     cache = "off" if no_cache else "on"

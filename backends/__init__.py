@@ -112,7 +112,14 @@ def _make_numpy() -> Backend:
 
 
 def _make_strict() -> Backend:
-    import array_api_strict as xp
+    try:
+        import array_api_strict as xp
+    except ImportError as err:
+        raise BackendUnavailable(
+            f"strict backend unavailable: cannot import array_api_strict ({err}); install it "
+            "with `pip install array-api-strict` (or `pip install -e '.[test]'`), or choose "
+            "`--backend numpy`"
+        ) from None
 
     # Not the default device: there a stray ``np.exp(x)`` silently works; here it raises.
     device = xp.Device("device1")

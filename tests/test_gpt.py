@@ -198,7 +198,10 @@ def test_unsupported_configs(tmp_path, change, message) -> None:
 def test_missing_weights_file(tmp_path) -> None:
     folder = copy_tiny(tmp_path)
     (folder / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model.safetensors not found"):
+    with pytest.raises(CheckpointError, match="has no model.safetensors$"):
+        tinytx.load_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")  # never unpickled: a hint instead
+    with pytest.raises(CheckpointError, match="never loads pickled.*AutoModelForCausalLM"):
         tinytx.load_pretrained(folder)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 __all__ = [
     "GenerationError",
+    "NonFiniteLogitsError",
     "Step",
     "TextModel",
     "check_sampling",
@@ -191,6 +192,32 @@ def stream(
     return _steps(model, host, max_new_tokens, sampling, seed, stop_token, use_cache)
 
 
+class NonFiniteLogitsError(GenerationError):
+    """The model computed NaN or +inf logits (or a row with no finite logit) from a valid
+    prompt: its weights or its attention variant are broken. No token is chosen from them."""
+
+
+def _check_logits(model: Any, logits: np.ndarray, step: int, position: int) -> None:
+    """Raise NonFiniteLogitsError unless every logit is finite or -inf (a token that can never
+    be chosen) and every row has a finite one. logits: (batch, vocab), host.
+
+    A token is never chosen from NaN: argmax and sampling would return an arbitrary id and
+    the text would look normal. -inf alone is allowed (banned tokens)."""
+    nan, pos_inf = np.isnan(logits), np.isposinf(logits)
+    no_choice = ~np.any(np.isfinite(logits), axis=-1)  # (batch,)
+    if not (nan.any() or pos_inf.any() or no_choice.any()):
+        return
+    attention = getattr(getattr(model, "attention", None), "name", None)
+    suspects = (
+        f"its weights or its attention variant {attention!r}" if attention else "its weights"
+    )
+    raise NonFiniteLogitsError(
+        f"the model computed non-finite logits at step {step} (position {position}): "
+        f"{int(nan.sum())} NaN and {int(pos_inf.sum())} +inf of {logits.size}; the prompt "
+        f"is valid, so {suspects} are broken (no token was chosen)"
+    )
+
+
 def _steps(
     model: Any,
     prompt: np.ndarray,
@@ -213,6 +240,7 @@ def _steps(
             model_input = tokens  # no cache: the whole sequence, every step
         logits = model(backend.asarray(model_input, dtype="int64"), cache=cache, last_only=True)
         last = np.asarray(backend.to_numpy(logits))[:, 0, :]  # (batch, vocab)
+        _check_logits(model, last, position - seq + 1, position)
         chosen = sample_next(last, rng, **sampling)  # (batch,)
         if stop_token is not None:
             chosen = np.where(finished, stop_token, chosen)  # finished rows repeat the stop

@@ -16,7 +16,7 @@ import numpy as np
 
 from tinytx.backends import Backend, resolve_backend
 
-__all__ = ["CheckpointError", "load_pretrained", "read_config", "read_safetensors"]
+__all__ = ["CheckpointError", "load_pretrained", "read_config", "read_safetensors", "weights_file"]
 
 # model_type in config.json -> "module:function"; the function takes
 # (folder: Path, config: dict, backend: Backend, attention: str) and returns the model.
@@ -45,6 +45,35 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config
+
+
+def weights_file(folder: str | Path, auto_class: str = "AutoModel") -> Path:
+    """``folder / "model.safetensors"``, or a CheckpointError saying what is there instead.
+
+    tinytx never loads pickled ``pytorch_model.bin`` files (unpickling runs code); a folder
+    holding only one gets the one command that converts it, with transformers'
+    ``auto_class`` (``AutoModel``, ``AutoModelForCausalLM``).
+    """
+    folder = Path(folder)
+    path = folder / "model.safetensors"
+    if path.is_file():
+        return path
+    others = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.suffix in (".bin", ".json", ".pt", ".pth", ".ckpt")
+        and p.name.startswith(("pytorch_model", "model.safetensors", "model"))
+    )
+    if not others:
+        raise CheckpointError(f"{folder} has no model.safetensors")
+    convert = (
+        f"python -c \"from transformers import {auto_class}; m = {auto_class}.from_pretrained("
+        f"'{folder}'); m.save_pretrained('{folder}', safe_serialization=True)\""
+    )
+    raise CheckpointError(
+        f"{folder} has no model.safetensors (it has {', '.join(others)}): tinytx never loads "
+        f"pickled .bin files, nor sharded checkpoints; convert once with: {convert}"
+    )
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:

@@ -34,7 +34,7 @@ from tinytx.backends import Backend
 from tinytx.layers import EncoderBlock, LayerNorm, Linear, mean_pool, padding_mask
 from tinytx.layers.basic import Embedding
 from tinytx.layers.module import Module
-from tinytx.pretrained import CheckpointError, read_safetensors
+from tinytx.pretrained import CheckpointError, read_safetensors, weights_file
 from tinytx.tokenizer import Batch, Tokenizer, check_texts
 
 Array = Any
@@ -496,17 +496,7 @@ def load_bert(
     """
     folder = Path(folder)
     cfg = BertConfig.from_dict(config, where=str(folder / "config.json"))
-    weights_path = folder / "model.safetensors"
-    if not weights_path.is_file():
-        others = [p.name for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".json")
-                  and p.name.startswith(("pytorch_model", "model.safetensors"))]  # fmt: skip
-        hint = (
-            f" (it has {', '.join(others)}: tinytx reads one model.safetensors, never pickled "
-            ".bin files, and not sharded checkpoints)"
-            if others
-            else ""
-        )
-        raise CheckpointError(f"{folder} has no model.safetensors{hint}")
+    weights_path = weights_file(folder, "AutoModel")  # never a pickled .bin
     tensors = read_safetensors(weights_path)
     for key in IGNORED_KEYS:
         tensors.pop(key, None)
