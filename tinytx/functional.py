@@ -23,15 +23,30 @@ Array = Any
 
 __all__ = [
     "causal_mask",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "embedding",
+    "embedding_backward",
     "erf",
     "gelu",
+    "gelu_backward",
     "layer_norm",
+    "layer_norm_backward",
     "linear",
+    "linear_backward",
+    "log_softmax",
+    "log_softmax_backward",
+    "matmul",
     "relu",
+    "relu_backward",
     "repeat_kv",
+    "repeat_kv_backward",
     "rms_norm",
+    "rms_norm_backward",
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
     "softmax",
+    "softmax_backward",
 ]
 
 
@@ -52,6 +67,24 @@ def _require_float(x: Array, what: str) -> None:
         raise TypeError(f"{what} must be a real floating-point array, got dtype {x.dtype}")
 
 
+def _check_cotangent(grad: Array, shape: tuple[int, ...], dtype: Any, what: str) -> None:
+    """Raise unless the cotangent ``grad`` has the forward output's shape and dtype."""
+    if tuple(grad.shape) != tuple(shape):
+        raise ValueError(
+            f"{what}: the cotangent must have the forward output's shape {tuple(shape)}, "
+            f"got {tuple(grad.shape)}"
+        )
+    if grad.dtype != dtype:
+        raise TypeError(
+            f"{what}: the cotangent must have the forward output's dtype {_dtype_name(dtype)}, "
+            f"got {_dtype_name(grad.dtype)}"
+        )
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]  # array_api_strict.float64 -> float64
+
+
 # --- activations ---------------------------------------------------------------------
 
 
@@ -62,6 +95,17 @@ def relu(x: Array) -> Array:
     if native is not None and (y := native(x)) is not NotImplemented:
         return y
     return xp.maximum(x, xp.zeros_like(x))  # (...)
+
+
+def relu_backward(grad_y: Array, x: Array) -> Array:
+    """Gradient of ReLU: dx = dy * [x > 0] (0 at x = 0, as PyTorch).
+
+    y = max(x, 0) passes x through where x > 0 (slope 1) and is constant elsewhere (slope 0).
+    grad_y, x: any shape (the same) -> grad_x, that shape.
+    """
+    xp = array_namespace(grad_y, x)
+    _check_cotangent(grad_y, x.shape, x.dtype, "relu_backward")
+    return xp.where(x > 0, grad_y, xp.zeros_like(grad_y))  # (...)
 
 
 # Coefficients of a Chebyshev fit to erfc (Numerical Recipes in C, 2nd ed., section 6.2):
@@ -140,6 +184,39 @@ def gelu(x: Array, approximate: str = "none") -> Array:
     return xp.maximum(x, xp.zeros_like(x)) - 0.5 * size * tail  # (...)
 
 
+def gelu_backward(grad_y: Array, x: Array, approximate: str = "none") -> Array:
+    """Gradient of GELU, dx = dy * GELU'(x).
+
+    ``approximate="none"``: GELU(x) = x Phi(x), so by the product rule
+    GELU'(x) = Phi(x) + x phi(x), with phi(x) = exp(-x^2/2) / sqrt(2 pi) the normal density
+    (Phi' = phi). Phi is computed as in :func:`gelu`: Phi(x) = 1 - erfc(x/sqrt 2)/2 for
+    x >= 0 and erfc(|x|/sqrt 2)/2 for x < 0.
+    ``approximate="tanh"``: with u = c (x + a x^3), c = sqrt(2/pi), a = 0.044715, t = tanh(u),
+    GELU(x) = x/2 (1 + t), so GELU'(x) = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2).
+    grad_y, x: any shape (the same) -> grad_x, that shape.
+    """
+    xp = array_namespace(grad_y, x)
+    _require_float(x, "gelu_backward input")
+    _check_cotangent(grad_y, x.shape, x.dtype, "gelu_backward")
+    if approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = xp.tanh(c * (x + 0.044715 * x * x * x))  # (...)
+        slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+        return grad_y * slope  # (...)
+    if approximate != "none":
+        raise ValueError(
+            f"gelu_backward: approximate must be 'none' or 'tanh', got {approximate!r}"
+        )
+    native = _native(xp, "erf")
+    if native is not None:
+        cdf = 0.5 * (1.0 + native(x * (1.0 / math.sqrt(2.0))))  # (...)  Phi(x)
+    else:
+        tail = 0.5 * _erfc_nonneg(xp.abs(x) * (1.0 / math.sqrt(2.0)))  # (...)  Phi(-|x|)
+        cdf = xp.where(x >= 0, 1.0 - tail, tail)  # (...)  Phi(x)
+    density = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))  # (...)  phi(x)
+    return grad_y * (cdf + x * density)  # (...)
+
+
 # --- softmax and norms ---------------------------------------------------------------
 
 
@@ -166,6 +243,121 @@ def softmax(x: Array, axis: int = -1, *, mask: Array | None = None) -> Array:
     return e / total
 
 
+def softmax_backward(grad_y: Array, y: Array, axis: int = -1) -> Array:
+    """Gradient of softmax from its output: dx = y * (dy - sum(dy * y)) along ``axis``.
+
+    The Jacobian of y = softmax(x) is dy_i/dx_j = y_i (delta_ij - y_j), so the
+    vector-Jacobian product is dx_j = sum_i dy_i y_i (delta_ij - y_j) = y_j (dy_j - sum_i dy_i y_i).
+    Only y is needed, not x. Masked entries have y = 0 and so get dx = 0; a fully masked
+    row (all y = 0) gets a zero gradient, never NaN.
+    grad_y, y: any shape (the same) -> grad_x, that shape.
+    """
+    xp = array_namespace(grad_y, y)
+    _check_cotangent(grad_y, y.shape, y.dtype, "softmax_backward")
+    along = xp.sum(grad_y * y, axis=axis, keepdims=True)  # (..., 1, ...)  sum_i dy_i y_i
+    return y * (grad_y - along)  # (...)
+
+
+def log_softmax(x: Array, axis: int = -1) -> Array:
+    """log_softmax(x)_i = x_i - max(x) - log(sum_j exp(x_j - max(x))) along ``axis``.
+
+    The log of :func:`softmax`, computed without taking the log of a rounded-to-zero
+    probability: a logit far below the others gets a large negative number, not -inf.
+    x: any shape -> same shape.
+    """
+    xp = array_namespace(x)
+    _require_float(x, "log_softmax input")
+    row_max = xp.max(x, axis=axis, keepdims=True)  # (..., 1, ...)
+    shifted = x - row_max  # (...)  <= 0, the largest exactly 0
+    total = xp.sum(xp.exp(shifted), axis=axis, keepdims=True)  # (..., 1, ...)  in [1, n]
+    return shifted - xp.log(total)  # (...)
+
+
+def log_softmax_backward(grad_y: Array, y: Array, axis: int = -1) -> Array:
+    """Gradient of log_softmax from its output: dx = dy - exp(y) * sum(dy) along ``axis``.
+
+    y_i = x_i - logsumexp(x), and d logsumexp(x) / dx_j = softmax(x)_j = exp(y_j), so
+    dy_i/dx_j = delta_ij - exp(y_j) and dx_j = dy_j - exp(y_j) sum_i dy_i.
+    grad_y, y: any shape (the same) -> grad_x, that shape.
+    """
+    xp = array_namespace(grad_y, y)
+    _check_cotangent(grad_y, y.shape, y.dtype, "log_softmax_backward")
+    total = xp.sum(grad_y, axis=axis, keepdims=True)  # (..., 1, ...)  sum_i dy_i
+    return grad_y - xp.exp(y) * total  # (...)
+
+
+def _kept_targets(logits: Array, targets: Array, ignore_index: int, what: str) -> tuple[Array, int]:
+    """Check targets against logits; return (kept: bool (...), how many are kept).
+
+    logits: (..., vocab) floating; targets: integer (...) in [0, vocab) or ignore_index.
+    """
+    xp = array_namespace(logits, targets)
+    _require_float(logits, f"{what} logits")
+    if not xp.isdtype(targets.dtype, "integral"):
+        raise TypeError(f"{what}: targets must be an integer array, got dtype {targets.dtype}")
+    if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{what}: expected logits (..., vocab) and targets (...) with the same leading "
+            f"shape, got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}"
+        )
+    vocab = logits.shape[-1]
+    kept = targets != ignore_index  # (...)
+    outside = xp.logical_and(kept, xp.logical_or(targets < 0, targets >= vocab))  # (...)
+    if bool(xp.any(outside)):
+        offenders = xp.where(outside, targets, xp.zeros_like(targets))  # (...)
+        low, high = int(xp.min(offenders)), int(xp.max(offenders))
+        raise ValueError(
+            f"{what}: targets must lie in [0, {vocab}) (the vocabulary) or equal "
+            f"ignore_index={ignore_index}, got {low if low < 0 else high}"
+        )
+    count = int(xp.sum(xp.astype(kept, xp.int64)))
+    return kept, count
+
+
+def cross_entropy(logits: Array, targets: Array, ignore_index: int = -100) -> Array:
+    """Mean cross-entropy loss = -(1/N) sum_p log softmax(logits_p)[targets_p].
+
+    The sum runs over the N positions p whose target is not ``ignore_index`` (-100, as in
+    PyTorch: padding, or the prompt part of a sequence). If every position is ignored the
+    loss is 0 (PyTorch gives NaN). Targets outside [0, vocab) raise ValueError.
+    logits: (..., vocab) floating; targets: integer (...) -> loss, a 0-d array of logits' dtype.
+    """
+    xp = array_namespace(logits, targets)
+    kept, count = _kept_targets(logits, targets, ignore_index, "cross_entropy")
+    vocab = logits.shape[-1]
+    log_probs = log_softmax(logits, axis=-1)  # (..., vocab)
+    classes = xp.arange(vocab, dtype=targets.dtype, device=device_of(targets))  # (vocab,)
+    one_hot = xp.logical_and(targets[..., None] == classes, kept[..., None])  # (..., vocab)
+    picked = xp.sum(xp.where(one_hot, log_probs, 0.0))  # ()  sum_p log p(target_p)
+    return -picked / max(count, 1)  # ()
+
+
+def cross_entropy_backward(
+    grad_loss: Array | float, logits: Array, targets: Array, ignore_index: int = -100
+) -> Array:
+    """Gradient of :func:`cross_entropy`: dlogits_p = dloss / N * (softmax(logits_p) - onehot(t_p)).
+
+    For one position, -log softmax(z)[t] = logsumexp(z) - z_t, whose gradient is
+    softmax(z) - onehot(t) (see :func:`log_softmax_backward` with dy = -onehot(t)).
+    The mean divides by N, the number of kept positions; ignored positions get 0.
+    If every position is ignored the gradient is 0.
+    grad_loss: 0-d array (or Python float); logits: (..., vocab); targets: integer (...)
+    -> grad_logits (..., vocab).
+    """
+    xp = array_namespace(logits, targets)
+    kept, count = _kept_targets(logits, targets, ignore_index, "cross_entropy_backward")
+    if isinstance(grad_loss, (int, float)):
+        grad_loss = xp.asarray(grad_loss, dtype=logits.dtype, device=device_of(logits))
+    _check_cotangent(grad_loss, (), logits.dtype, "cross_entropy_backward")
+    vocab = logits.shape[-1]
+    probs = softmax(logits, axis=-1)  # (..., vocab)
+    classes = xp.arange(vocab, dtype=targets.dtype, device=device_of(targets))  # (vocab,)
+    one_hot = targets[..., None] == classes  # (..., vocab)
+    per_position = xp.where(one_hot, probs - 1.0, probs)  # (..., vocab)  p - onehot(t)
+    weight = xp.where(kept, grad_loss / max(count, 1), 0.0)  # (...)  dloss/N, 0 if ignored
+    return per_position * weight[..., None]  # (..., vocab)
+
+
 def layer_norm(
     x: Array, weight: Array | None = None, bias: Array | None = None, eps: float = 1e-5
 ) -> Array:
@@ -190,6 +382,42 @@ def layer_norm(
     return y
 
 
+def _sum_leading(a: Array) -> Array:
+    """Sum over every axis but the last: (..., d) -> (d,)."""
+    xp = array_namespace(a)
+    return xp.sum(xp.reshape(a, (-1, a.shape[-1])), axis=0)  # (d,)
+
+
+def layer_norm_backward(
+    grad_y: Array, x: Array, weight: Array | None = None, eps: float = 1e-5
+) -> tuple[Array, Array | None, Array]:
+    """Gradients of :func:`layer_norm`, recomputing mean and rstd from x.
+
+    With xhat = (x - mean) * rstd, rstd = 1/sqrt(var + eps), y = xhat * w + b, and
+    g = dy * w the gradient reaching xhat (llm.c's doc/layernorm derivation):
+    dxhat_i/dx_j = rstd * (delta_ij - 1/d - xhat_i xhat_j / d), so
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+        dw = sum over positions of dy * xhat,   db = sum over positions of dy.
+    grad_y, x: (..., d); weight: (d,) or None -> (grad_x (..., d), grad_weight (d,) or None
+    when weight is None, grad_bias (d,)).
+    """
+    xp = array_namespace(grad_y, x)
+    _require_float(x, "layer_norm_backward input")
+    _check_cotangent(grad_y, x.shape, x.dtype, "layer_norm_backward")
+    mean = xp.mean(x, axis=-1, keepdims=True)  # (..., 1)
+    centered = x - mean  # (..., d)
+    var = xp.mean(centered * centered, axis=-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
+    xhat = centered * rstd  # (..., d)
+    g = grad_y if weight is None else grad_y * weight  # (..., d)  dL/dxhat
+    g_mean = xp.mean(g, axis=-1, keepdims=True)  # (..., 1)
+    g_xhat_mean = xp.mean(g * xhat, axis=-1, keepdims=True)  # (..., 1)
+    grad_x = rstd * (g - g_mean - xhat * g_xhat_mean)  # (..., d)
+    grad_weight = None if weight is None else _sum_leading(grad_y * xhat)  # (d,)
+    grad_bias = _sum_leading(grad_y)  # (d,)
+    return grad_x, grad_weight, grad_bias
+
+
 def rms_norm(x: Array, weight: Array | None = None, eps: float = 1e-6) -> Array:
     """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight, over the last axis.
 
@@ -203,6 +431,42 @@ def rms_norm(x: Array, weight: Array | None = None, eps: float = 1e-6) -> Array:
     return y if weight is None else y * weight
 
 
+def rms_norm_backward(
+    grad_y: Array, x: Array, weight: Array | None = None, eps: float = 1e-6
+) -> tuple[Array, Array | None]:
+    """Gradients of :func:`rms_norm`, recomputing r = 1/sqrt(mean(x^2) + eps) from x.
+
+    y = xhat * w with xhat = x * r. Since dr/dx_j = -r^3 x_j / d, with g = dy * w:
+        dx = r * (g - xhat * mean(g * xhat)),   dw = sum over positions of dy * xhat.
+    grad_y, x: (..., d); weight: (d,) or None -> (grad_x (..., d), grad_weight (d,) or None).
+    """
+    xp = array_namespace(grad_y, x)
+    _require_float(x, "rms_norm_backward input")
+    _check_cotangent(grad_y, x.shape, x.dtype, "rms_norm_backward")
+    mean_square = xp.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
+    r = 1.0 / xp.sqrt(mean_square + eps)  # (..., 1)
+    xhat = x * r  # (..., d)
+    g = grad_y if weight is None else grad_y * weight  # (..., d)  dL/dxhat
+    g_xhat_mean = xp.mean(g * xhat, axis=-1, keepdims=True)  # (..., 1)
+    grad_x = r * (g - xhat * g_xhat_mean)  # (..., d)
+    grad_weight = None if weight is None else _sum_leading(grad_y * xhat)  # (d,)
+    return grad_x, grad_weight
+
+
+def matmul(a: Array, b: Array) -> Array:
+    """C = A B, the matrix product (over stacks): a (..., m, k), b (..., k, n) -> (..., m, n).
+
+    ``xp.matmul``, or the backend's native: on NumPy one that decides by rule where the
+    threads go (small products on one thread, stacks split over the thread pool), so a
+    plugin's products never wake BLAS threads that then spin idle on the cores.
+    """
+    xp = array_namespace(a, b)
+    native = _native(xp, "matmul")
+    if native is not None and (c := native(a, b)) is not NotImplemented:
+        return c
+    return xp.matmul(a, b)  # (..., m, n)
+
+
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
     """y = x W^T + b, PyTorch's layout.  x: (..., d_in); W: (d_out, d_in); b: (d_out,)."""
     xp = array_namespace(x, weight)
@@ -211,6 +475,98 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
         return y
     y = xp.matmul(x, xp.matrix_transpose(weight))  # (..., d_out)
     return y if bias is None else y + bias
+
+
+def linear_backward(
+    grad_y: Array, x: Array, weight: Array, bias: bool = True
+) -> tuple[Array, Array, Array | None]:
+    """Gradients of :func:`linear` y = x W^T + b.
+
+    y_pi = sum_j x_pj W_ij + b_i for each position p, so
+        dx = dy W,   dW = sum_p dy_p^T x_p = dy^T x (positions flattened),   db = sum_p dy_p.
+    ``bias``: whether the forward had one (else grad_bias is None).
+    grad_y: (..., d_out); x: (..., d_in); W: (d_out, d_in)
+    -> (grad_x (..., d_in), grad_weight (d_out, d_in), grad_bias (d_out,) or None).
+    """
+    xp = array_namespace(grad_y, x, weight)
+    d_out, d_in = weight.shape
+    _check_cotangent(grad_y, (*x.shape[:-1], d_out), x.dtype, "linear_backward")
+    grad_x = xp.matmul(grad_y, weight)  # (..., d_in)
+    rows_dy = xp.reshape(grad_y, (-1, d_out))  # (n, d_out)
+    rows_x = xp.reshape(x, (-1, d_in))  # (n, d_in)
+    grad_weight = xp.matmul(xp.matrix_transpose(rows_dy), rows_x)  # (d_out, d_in)
+    grad_bias = xp.sum(rows_dy, axis=0) if bias else None  # (d_out,)
+    return grad_x, grad_weight, grad_bias
+
+
+# --- embedding lookup ----------------------------------------------------------------
+
+
+def _check_ids(ids: Array, num_embeddings: int, what: str) -> None:
+    """Raise unless ids is an integer array with values in [0, num_embeddings)."""
+    xp = array_namespace(ids)
+    if not xp.isdtype(ids.dtype, "integral"):
+        raise TypeError(f"{what}: expects integer token ids, got dtype {ids.dtype}")
+    if math.prod(ids.shape) and (int(xp.min(ids)) < 0 or int(xp.max(ids)) >= num_embeddings):
+        raise ValueError(
+            f"{what}: token ids must lie in [0, {num_embeddings}), got values from "
+            f"{int(xp.min(ids))} to {int(xp.max(ids))}"
+        )
+
+
+def embedding(table: Array, ids: Array) -> Array:
+    """Embedding lookup: y[..., :] = table[ids[...], :], row ids[p] of the table for each p.
+
+    table: (num_embeddings, d); ids: integer (...) in [0, num_embeddings) -> (..., d).
+    """
+    xp = array_namespace(table, ids)
+    num_embeddings, d = table.shape
+    _check_ids(ids, num_embeddings, "embedding")
+    flat = xp.reshape(ids, (-1,))  # (n,)
+    rows = xp.take(table, flat, axis=0)  # (n, d)
+    return xp.reshape(rows, (*ids.shape, d))  # (..., d)
+
+
+# One-hot blocks of the embedding backward hold at most this many elements.
+_ONE_HOT_ELEMENTS = 1 << 22
+
+
+def embedding_backward(grad_y: Array, ids: Array, num_embeddings: int) -> Array:
+    """Gradient of :func:`embedding` with respect to the table: a scatter-add.
+
+    y_p = table[ids_p], so row v of the table receives the sum of dy_p over every
+    position p with ids_p = v (a token repeated in the batch adds up), and rows of unused
+    ids get 0. The array API has no scatter-add, so the definition writes it as a product
+    with the one-hot matrix, onehot(ids)^T dy, in blocks of vocabulary rows so that the
+    one-hot block stays small; NumPy's native uses np.add.at.
+    grad_y: (..., d); ids: integer (...) -> grad_table (num_embeddings, d).
+    """
+    xp = array_namespace(grad_y, ids)
+    if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int):
+        raise TypeError(
+            f"embedding_backward: num_embeddings must be an int, got {num_embeddings!r}"
+        )
+    if num_embeddings < 1:
+        raise ValueError(
+            f"embedding_backward: num_embeddings must be a positive int, got {num_embeddings!r}"
+        )
+    _require_float(grad_y, "embedding_backward cotangent")
+    _check_ids(ids, num_embeddings, "embedding_backward")
+    d = grad_y.shape[-1] if grad_y.ndim else 0
+    _check_cotangent(grad_y, (*ids.shape, d), grad_y.dtype, "embedding_backward")
+    native = _native(xp, "embedding_backward")
+    if native is not None and (out := native(grad_y, ids, num_embeddings)) is not NotImplemented:
+        return out
+    flat_ids = xp.reshape(ids, (-1,))  # (n,)
+    rows = xp.reshape(grad_y, (-1, d))  # (n, d)
+    block = max(1, _ONE_HOT_ELEMENTS // max(flat_ids.shape[0], 1))  # vocabulary rows per block
+    pieces = []
+    for start in range(0, num_embeddings, block):
+        stop = min(start + block, num_embeddings)
+        vocab_ids = xp.arange(start, stop, dtype=ids.dtype, device=device_of(ids))  # (c,)
+        one_hot = xp.astype(flat_ids[:, None] == vocab_ids, grad_y.dtype)  # (n, c)
+        pieces.append(xp.matmul(xp.matrix_transpose(one_hot), rows))  # (c, d)
+    return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)  # (num_embeddings, d)
 
 
 # --- attention -----------------------------------------------------------------------
@@ -244,6 +600,31 @@ def repeat_kv(x: Array, n_heads: int) -> Array:
     group = n_heads // heads_kv
     x = xp.broadcast_to(x[:, :, None, ...], (batch, heads_kv, group, seq, d))  # (b, h_kv, g, s, d)
     return xp.reshape(x, (batch, n_heads, seq, d))  # (batch, heads, seq, d)
+
+
+def repeat_kv_backward(grad: Array, n_kv_heads: int) -> Array:
+    """Gradient of :func:`repeat_kv`: each key/value head sums the gradients of its group.
+
+    repeat_kv copies head j to the query heads j*g ... j*g + g - 1 (g = heads / heads_kv);
+    a copied input gets the sum of its copies' gradients: dx_j = sum_r dy_(j*g + r).
+    grad: (batch, heads, seq, d) -> (batch, heads_kv, seq, d), heads_kv = n_kv_heads.
+    """
+    xp = array_namespace(grad)
+    if grad.ndim != 4:
+        raise ValueError(
+            f"repeat_kv_backward: grad must be 4-D (batch, heads, seq, d), got {tuple(grad.shape)}"
+        )
+    batch, heads, seq, d = grad.shape
+    if heads == n_kv_heads:
+        return grad
+    if n_kv_heads < 1 or heads % n_kv_heads != 0:
+        raise ValueError(
+            f"grouped-query attention needs heads ({heads}) to be a multiple of "
+            f"key/value heads ({n_kv_heads})"
+        )
+    group = heads // n_kv_heads
+    grouped = xp.reshape(grad, (batch, n_kv_heads, group, seq, d))  # (b, h_kv, g, s, d)
+    return xp.sum(grouped, axis=2)  # (batch, heads_kv, seq, d)
 
 
 def check_attention_inputs(q: Array, k: Array, v: Array, mask: Array | None) -> None:
@@ -318,3 +699,52 @@ def scaled_dot_product_attention(
     weights = softmax(scores, axis=-1, mask=mask)  # (batch, heads, seq_q, seq_k)
     output = xp.matmul(weights, v)  # (batch, heads, seq_q, d_v)
     return output, weights
+
+
+def scaled_dot_product_attention_backward(
+    grad_out: Array,
+    q: Array,
+    k: Array,
+    v: Array,
+    weights: Array,
+    scale: float | None = None,
+) -> tuple[Array, Array, Array]:
+    """Gradients of :func:`scaled_dot_product_attention` with respect to q, k and v.
+
+    The forward is S = scale * Q K^T, W = softmax(S) (masked entries 0), O = W V. Going back:
+        dV = W^T dO,   dW = dO V^T,
+        dS = W * (dW - sum_j(dW * W))            (:func:`softmax_backward`, per row),
+        dQ = scale * dS K,   dK = scale * dS^T Q.
+    ``weights`` are the forward's returned weights: they are 0 wherever the mask (or
+    causality) forbade attention, so dS is 0 there and no mask argument is needed; a fully
+    masked query row gets zero gradients, never NaN. With grouped-query attention
+    (heads_kv < heads) the gradients of the query heads sharing a key/value head are
+    summed (:func:`repeat_kv_backward`). Cross-attention (seq_q != seq_k) is the same.
+    grad_out: (batch, heads, seq_q, d_v); q: (batch, heads, seq_q, d);
+    k: (batch, heads_kv, seq_k, d); v: (batch, heads_kv, seq_k, d_v);
+    weights: (batch, heads, seq_q, seq_k) -> (dq, dk, dv) with the shapes of q, k, v.
+    """
+    check_attention_inputs(q, k, v, None)
+    xp = array_namespace(grad_out, q, k, v, weights)
+    batch, heads, seq_q, d = q.shape
+    heads_kv, seq_k, d_v = k.shape[1], k.shape[2], v.shape[3]
+    what = "scaled_dot_product_attention_backward"
+    if tuple(weights.shape) != (batch, heads, seq_q, seq_k) or weights.dtype != q.dtype:
+        raise ValueError(
+            f"{what}: weights must be the forward's (batch, heads, seq_q, seq_k) = "
+            f"{(batch, heads, seq_q, seq_k)} of dtype {_dtype_name(q.dtype)}, got "
+            f"{tuple(weights.shape)} of dtype {_dtype_name(weights.dtype)}"
+        )
+    _check_cotangent(grad_out, (batch, heads, seq_q, d_v), q.dtype, what)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    k_all = repeat_kv(k, heads)  # (batch, heads, seq_k, d)
+    v_all = repeat_kv(v, heads)  # (batch, heads, seq_k, d_v)
+    grad_v_all = xp.matmul(xp.matrix_transpose(weights), grad_out)  # (batch, heads, seq_k, d_v)
+    grad_weights = xp.matmul(grad_out, xp.matrix_transpose(v_all))  # (batch, heads, seq_q, seq_k)
+    grad_scores = softmax_backward(grad_weights, weights, axis=-1)  # (batch, heads, seq_q, seq_k)
+    grad_q = xp.matmul(grad_scores, k_all) * scale  # (batch, heads, seq_q, d)
+    grad_k_all = xp.matmul(xp.matrix_transpose(grad_scores), q) * scale  # (batch, heads, seq_k, d)
+    grad_k = repeat_kv_backward(grad_k_all, heads_kv)  # (batch, heads_kv, seq_k, d)
+    grad_v = repeat_kv_backward(grad_v_all, heads_kv)  # (batch, heads_kv, seq_k, d_v)
+    return grad_q, grad_k, grad_v
