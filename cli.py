@@ -786,6 +786,51 @@ def generate(
     )
 
 
+# --- train ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--data", default=None, help="'shakespeare' (default) or a UTF-8 text file.")
+@click.option("--preset", default="nanogpt-cpu", show_default=True, help="nanogpt-cpu or tiny.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default: the preset's).")
+@click.option("--out", type=click.Path(), default=None, help="Folder to write: a GPT-2 folder.")
+@click.option("--resume", type=click.Path(), default=None, help="Continue DIR's checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--context", type=int, default=None, help="Tokens per training window.")
+@click.option("--layers", type=int, default=None)
+@click.option("--width", type=int, default=None, help="d_model.")
+@click.option("--heads", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--warmup", type=int, default=None, help="Warmup steps.")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps.")
+@click.option("--seed", "train_seed", type=int, default=None, help="Weights and batches.")
+@click.option("--attention", default=None, help="Attention variant (needs a backward).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="BLAS/tinytx threads.")
+@click.pass_context
+def train(ctx: click.Context, **options: Any) -> None:
+    """Train a character-level GPT; write DIR as a Hugging Face GPT-2 folder."""
+    from tinytx.data import CorpusError
+    from tinytx.train import TrainError, TrainingDiverged, train_gpt
+
+    options["seed"] = options.pop("train_seed")
+    if options["attention"] is not None:
+        options["attention"] = _attention_name(options["attention"])
+    try:
+        echo = lambda message: click.echo(message, err=True)  # noqa: E731
+        metrics = train_gpt(backend=_backend(ctx), echo=echo, **options)
+    except (TrainError, CorpusError, TrainingDiverged) as err:
+        raise CommandError(str(err)) from None
+    out = options["resume"] or options["out"]
+    click.echo(
+        f"{metrics['steps']} steps in {metrics['seconds']:.1f} s "
+        f"({metrics['tokens_per_second']:,.0f} tokens/s): train loss {metrics['train_loss']:.4f}, "
+        f"val loss {metrics['val_loss']:.4f} nats/token; model in {out}"
+    )
+    if metrics.get("interrupted"):
+        ctx.exit(130)
+
+
 # --- benchmarks (scripts in benchmarks/ call the same functions) -------------------------
 
 
