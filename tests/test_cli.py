@@ -51,7 +51,9 @@ def test_demo_prints_trace_and_heatmap(name):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "random" in out  # says plainly that the weights are random
-    assert "encoder.layers.1.self_attn [MultiHeadAttention]" in out
+    assert "  layers.1 [EncoderBlock]" in out  # own names under their parents: 100 columns
+    assert "    self_attn [MultiHeadAttention]" in out
+    assert max(len(line) for line in out.splitlines()) <= 100
     assert "(1, 12, 64)" in out  # the trace shows shapes
     assert "float32" in out
     assert "layer 1, head 3" in out

