@@ -24,7 +24,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from tinytx.functional import causal_mask, softmax
+from tinytx.functional import causal_mask, matmul, softmax
 from tinytx.plugins.registry import register_attention
 
 Array = Any
@@ -72,9 +72,10 @@ def alibi_attention(
     k_pos = xp.arange(seq_k, dtype=q.dtype, device=dev)  # (seq_k,)
     distance = xp.abs(q_pos[:, None] - k_pos[None, :])  # (seq_q, seq_k)
     bias = -slopes[:, None, None] * distance  # (heads, seq_q, seq_k)
-    scores = xp.matmul(q * scale, xp.matrix_transpose(k)) + bias  # (batch, heads, seq_q, seq_k)
+    scores = matmul(q * scale, xp.matrix_transpose(k))  # (batch, heads, seq_q, seq_k)
+    scores += bias  # in place (broadcast over batch): no second score-sized array
     if causal:
         allowed = causal_mask(seq_q, seq_k, xp=xp, device=dev)  # (seq_q, seq_k)
         mask = allowed if mask is None else xp.logical_and(mask, allowed)
     weights = softmax(scores, axis=-1, mask=mask)  # (batch, heads, seq_q, seq_k)
-    return xp.matmul(weights, v), weights  # (batch, heads, seq_q, d_v)
+    return matmul(weights, v), weights  # (batch, heads, seq_q, d_v)

@@ -29,6 +29,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from tinytx.functional import matmul
 from tinytx.plugins.registry import AttentionError, Option, register_attention
 
 Array = Any
@@ -96,9 +97,9 @@ def linear_attention(
             keep = xp.matrix_transpose(keep)  # (..., seq_k, 1)
         fk = fk * keep  # (batch, heads, seq_k, d): masked keys contribute nothing
     if not causal:
-        s = xp.matmul(xp.matrix_transpose(fk), v)  # (batch, heads, d, d_v)
+        s = matmul(xp.matrix_transpose(fk), v)  # (batch, heads, d, d_v)
         z = xp.sum(fk, axis=2)[..., None]  # (batch, heads, d, 1)
-        return _safe_divide(xp.matmul(fq, s), xp.matmul(fq, z)), None  # (b, h, seq_q, d_v)
+        return _safe_divide(matmul(fq, s), matmul(fq, z)), None  # (b, h, seq_q, d_v)
     return _causal(fq, fk, v, chunk), None
 
 
@@ -141,15 +142,15 @@ def _causal_aligned(fq: Array, fk: Array, v: Array, chunk: int) -> Array:
     fk_c = xp.reshape(fk, (batch, heads, n, chunk, d))  # (b, h, n, C, d)
     v_c = xp.reshape(v, (batch, heads, n, chunk, d_v))  # (b, h, n, C, d_v)
     # The state carried into each chunk: prefix sums over the chunks before it.
-    s_chunk = xp.matmul(xp.matrix_transpose(fk_c), v_c)  # (b, h, n, d, d_v)
+    s_chunk = matmul(xp.matrix_transpose(fk_c), v_c)  # (b, h, n, d, d_v)
     s_before = xp.cumulative_sum(s_chunk, axis=2, include_initial=True)[:, :, :-1, ...]  # same
     z_chunk = xp.sum(fk_c, axis=3)  # (b, h, n, d)
     z_before = xp.cumulative_sum(z_chunk, axis=2, include_initial=True)[:, :, :-1, :]  # (b,h,n,d)
     # Inside a chunk: phi(Q_i) . phi(K_j) for j <= i, done directly.
     ones = xp.ones((chunk, chunk), dtype=xp.bool, device=dev)
-    a = xp.matmul(fq_c, xp.matrix_transpose(fk_c))  # (b, h, n, C, C)
+    a = matmul(fq_c, xp.matrix_transpose(fk_c))  # (b, h, n, C, C)
     a = xp.where(xp.tril(ones), a, 0.0)  # (b, h, n, C, C)
-    num = xp.matmul(fq_c, s_before) + xp.matmul(a, v_c)  # (b, h, n, C, d_v)
-    den = xp.matmul(fq_c, z_before[..., None]) + xp.sum(a, axis=-1, keepdims=True)  # (.., C, 1)
+    num = matmul(fq_c, s_before) + matmul(a, v_c)  # (b, h, n, C, d_v)
+    den = matmul(fq_c, z_before[..., None]) + xp.sum(a, axis=-1, keepdims=True)  # (.., C, 1)
     out = xp.reshape(_safe_divide(num, den), (batch, heads, n * chunk, d_v))  # (b, h, seq+pad, d_v)
     return out[:, :, :seq, :]  # (batch, heads, seq, d_v)

@@ -21,7 +21,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from tinytx.functional import causal_mask
+from tinytx.functional import causal_mask, matmul
 from tinytx.plugins.registry import register_attention
 
 Array = Any
@@ -66,13 +66,14 @@ def sigmoid_attention(
     xp = array_namespace(q, k, v)
     seq_q, d, seq_k = q.shape[2], q.shape[3], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    scores = xp.matmul(q * scale, xp.matrix_transpose(k))  # (batch, heads, seq_q, seq_k)
+    scores = matmul(q * scale, xp.matrix_transpose(k))  # (batch, heads, seq_q, seq_k)
     allowed = mask
     if causal:
         before = causal_mask(seq_q, seq_k, xp=xp, device=device_of(q))  # (seq_q, seq_k)
         allowed = before if allowed is None else xp.logical_and(allowed, before)
     if allowed is None:
-        return _weighted(sigmoid(scores - math.log(seq_k)), v)
+        scores -= math.log(seq_k)  # in place: the bias -log n, n = seq_k for every query
+        return _weighted(sigmoid(scores), v)
     n = xp.sum(xp.astype(allowed, scores.dtype), axis=-1, keepdims=True)  # (.., seq_q, 1)
     bias = -xp.log(xp.maximum(n, 1.0))  # (.., seq_q, 1)
     weights = xp.where(allowed, sigmoid(scores + bias), 0.0)  # (b, h, seq_q, seq_k)
@@ -81,5 +82,4 @@ def sigmoid_attention(
 
 def _weighted(weights: Array, v: Array) -> tuple[Array, Array]:
     """(weights V, weights).  weights: (b, h, seq_q, seq_k); v: (b, h, seq_k, d_v)."""
-    xp = array_namespace(weights, v)
-    return xp.matmul(weights, v), weights  # (batch, heads, seq_q, d_v)
+    return matmul(weights, v), weights  # (batch, heads, seq_q, d_v)

@@ -520,3 +520,28 @@ def test_blas_threads_are_given_back(numpy_backend) -> None:
     q, k, v = (random_array(s, (1, 3, 8, 4), np.float32) for s in range(3))
     F.scaled_dot_product_attention(q, k, v)  # on the pool: pinned, then given back
     assert numpy_natives._blas_thread_counts() == counts
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape"),
+    [
+        ((3, 5), (5, 4)),  # one small product: on the caller's thread, BLAS at one thread
+        ((2, 4, 9, 6), (2, 4, 6, 7)),  # a stack of products: split over the pool
+        ((1, 9, 6), (3, 6, 7)),  # broadcast stacks: one call
+        ((4, 0, 6), (4, 6, 3)),  # empty
+    ],
+)
+@pytest.mark.parametrize("threaded_min", [0, 1 << 40])
+def test_matmul_native_equals_definition(
+    numpy_backend, monkeypatch, a_shape, b_shape, threaded_min
+) -> None:
+    """Every route of the matmul native (threaded_min 0: the pool for stacks; huge: the
+    single-thread route) gives xp.matmul's numbers within the dot product's rounding."""
+    monkeypatch.setattr(numpy_natives, "_THREADED_MIN_FLOPS_PER_THREAD", threaded_min)
+    a, b = random_array(0, a_shape, np.float32), random_array(1, b_shape, np.float32)
+    native, reference = both(F.matmul, a, b)
+    assert native.shape == reference.shape and native.dtype == reference.dtype
+    eps = np.finfo(np.float32).eps
+    bound = 2 * (a_shape[-1] + 1) * eps * (np.abs(a).astype(np.float64) @ np.abs(b))
+    assert np.all(np.abs(native - reference) <= bound)
+    assert numpy_natives.matmul(a.astype(np.float64), b) is NotImplemented  # mixed dtypes

@@ -1,0 +1,63 @@
+"""The speed paths compute the definitions' numbers: sliding-window attention in bands,
+and the run-time rules the NumPy natives size themselves by."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tinytx
+from tinytx import functional as F
+from tinytx.backends import numpy_natives
+from tinytx.plugins.sliding_window import _banded, band_mask, rows_per_block
+
+
+def _inputs(backend: tinytx.Backend, seq_q: int, seq_k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    host = [rng.standard_normal((2, 3, s, 8), dtype=np.float32) for s in (seq_q, seq_k, seq_k)]
+    return host, [backend.asarray(h) for h in host]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("seq_q", "seq_k", "window"), [(300, 300, 4), (70, 200, 9), (1, 150, 3)])
+@pytest.mark.parametrize("mask_kind", [None, "keys", "full"])
+def test_banded_sliding_window_equals_masked_definition(
+    backend, causal, seq_q, seq_k, window, mask_kind
+) -> None:
+    """Blocks of queries against the keys in their band give the full masked softmax's
+    output and weights: the left-out keys have weight exactly 0, only sums reorder."""
+    (q, k, v), (qb, kb, vb) = _inputs(backend, seq_q, seq_k)
+    rng = np.random.default_rng(1)
+    mask = None
+    if mask_kind == "keys":
+        mask = rng.random((seq_k,)) < 0.7
+    elif mask_kind == "full":
+        mask = rng.random((2, 1, seq_q, seq_k)) < 0.7
+    allowed = band_mask(seq_q, seq_k, window, causal, xp=np, device=None)
+    allowed = allowed if mask is None else np.logical_and(mask, allowed)
+    with tinytx.use_backend("numpy"):
+        ref_out, ref_w = F.scaled_dot_product_attention(q, k, v, mask=allowed)
+    mask_b = None if mask is None else backend.asarray(mask)
+    out, weights = _banded(qb, kb, vb, mask_b, causal, None, window)
+    out, weights = backend.to_numpy(out), backend.to_numpy(weights)
+    # Weights in [0, 1] from scores of |q||k| ~ d: each within a few eps of the same
+    # softmax (the row sums differ only in order); out = W v adds seq_k eps |W||v|.
+    eps = np.finfo(np.float32).eps
+    scores = np.abs(q) @ np.abs(np.swapaxes(k, -1, -2)) / np.sqrt(8)
+    w_bound = 4 * (8 + seq_k) * eps * (1 + scores.max(axis=-1, keepdims=True)) * ref_w + 1e-30
+    assert np.all(np.abs(weights - ref_w) <= w_bound)
+    out_bound = np.abs(w_bound) @ np.abs(v) + 2 * seq_k * eps * (np.abs(ref_w) @ np.abs(v))
+    assert np.all(np.abs(out - ref_out) <= out_bound)
+    assert np.all(weights[~np.broadcast_to(allowed, weights.shape)] == 0)
+
+
+def test_rows_per_block_rule() -> None:
+    assert rows_per_block(1) == 64 and rows_per_block(64) == 256
+
+
+def test_block_sizes_follow_the_l2_cache() -> None:
+    """The natives' sizes come from the L2 size by rule: a quarter of L2 per block."""
+    l2 = numpy_natives._l2_cache_bytes()
+    assert l2 > 0
+    assert numpy_natives._BLOCK_ELEMENTS == max(1 << 12, numpy_natives._L2_BYTES // 16)
+    assert numpy_natives._PARALLEL_MIN_ELEMENTS == 4 * numpy_natives._BLOCK_ELEMENTS
