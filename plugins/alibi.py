@@ -24,7 +24,12 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from tinytx.functional import causal_mask, matmul, softmax
+from tinytx.functional import (
+    causal_mask,
+    matmul,
+    scaled_dot_product_attention_backward,
+    softmax,
+)
 from tinytx.plugins.registry import register_attention
 
 Array = Any
@@ -38,6 +43,29 @@ def alibi_slopes(n_heads: int) -> list[float]:
     return alibi_slopes(lower) + alibi_slopes(2 * lower)[0::2][: n_heads - lower]
 
 
+def alibi_attention_backward(
+    grad_out: Array,
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    weights: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Array, Array, Array]:
+    """The backward of :func:`alibi_attention` (defined first: the registration names it).
+
+    The bias -m_h |p_i - j| is a constant: d(score)/dQ and d(score)/dK are those of
+    Q K^T * scale alone, so softmax attention's backward applies to ALiBi's weights W
+    (0 where masked): dS = W * (dW - rowsum(dW * W)) with dW = G V^T, dV = W^T G,
+    dQ = dS K * scale, dK = dS^T Q * scale.
+    grad_out: (b, h, s_q, d_v); weights: (b, h, s_q, s_k) -> dq, dk, dv of q's, k's, v's shapes.
+    """
+    return scaled_dot_product_attention_backward(grad_out, q, k, v, weights, scale=scale)
+
+
 @register_attention(
     "alibi",
     description="Softmax attention minus a head-specific linear distance penalty",
@@ -47,6 +75,7 @@ def alibi_slopes(n_heads: int) -> list[float]:
     supports_mask=True,
     supports_causal=True,
     returns_weights=True,
+    backward=alibi_attention_backward,
 )
 def alibi_attention(
     q: Array,

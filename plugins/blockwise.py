@@ -51,6 +51,118 @@ def _block_of(mask: Array, rows: slice, cols: slice) -> Array:
     return mask[..., rows, cols]  # (.., rows or 1, cols or 1)
 
 
+def blockwise_attention_backward(
+    grad_out: Array,
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    weights: None,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    block_size: int = 256,
+) -> tuple[Array, Array, Array]:
+    """FlashAttention's backward (Dao et al. 2022, Algorithm 2; FlashAttention-2, Dao
+    2023): the gradients of softmax attention without storing P (seq_q x seq_k).
+
+    The weights of a tile are recomputed from Q and K and each row's logsumexp L, which
+    a first blockwise pass finds (:func:`_row_logsumexp`); with G = dL/dO:
+
+        D_i   = rowsum(G_i * O_i)               = rowsum(dP_i * P_i), one number per query
+        for each key block j, for each query block i:
+            S_ij  = Q_i K_j^T * scale           (Bq, Bk), masked entries -inf
+            P_ij  = exp(S_ij - L_i)             the forward's weights for this tile
+            dV_j += P_ij^T G_i
+            dP_ij = G_i V_j^T
+            dS_ij = P_ij * (dP_ij - D_i)        softmax's backward, its row sum taken from D
+            dQ_i += dS_ij K_j * scale,   dK_j += dS_ij^T Q_i * scale
+
+    Memory: besides the inputs and the gradients, O(Bq x Bk) per tile and two numbers
+    per query (L, D): never (seq_q x seq_k). Time: the scores are computed twice (once
+    for L, once here), as FlashAttention recomputes them instead of reading them back.
+    Causal: tiles wholly after the queries' positions are skipped. A fully masked row
+    has L = -inf, P = 0 and zero gradients.
+    grad_out, out: (batch, heads, seq_q, d_v); q: (batch, heads, seq_q, d);
+    k, v: (batch, heads, seq_k, d / d_v) -> dq, dk, dv of q's, k's and v's shapes.
+    """
+    xp = array_namespace(grad_out, q, k, v, out)
+    dev = device_of(q)
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    offset = seq_k - seq_q  # query i sits at position i + offset (see causal_mask)
+    q_scaled = q * scale  # (batch, heads, seq_q, d)
+    lse = _row_logsumexp(q_scaled, k, mask, causal, block_size)  # (batch, heads, seq_q, 1)
+    lse = xp.where(xp.isfinite(lse), lse, 0.0)  # a fully masked row: P = exp(-inf) = 0
+    delta = xp.sum(grad_out * out, axis=-1, keepdims=True)  # (batch, heads, seq_q, 1)
+    dq = xp.zeros(q.shape, dtype=q.dtype, device=dev)  # (batch, heads, seq_q, d)
+    dk = xp.zeros(k.shape, dtype=q.dtype, device=dev)  # (batch, heads, seq_k, d)
+    dv = xp.zeros(v.shape, dtype=q.dtype, device=dev)  # (batch, heads, seq_k, d_v)
+    for k0 in range(0, seq_k, block_size):
+        k1 = min(k0 + block_size, seq_k)
+        k_block, v_block = k[:, :, k0:k1, :], v[:, :, k0:k1, :]  # (batch, heads, Bk, d / d_v)
+        dk_block = xp.zeros(k_block.shape, dtype=q.dtype, device=dev)  # (b, h, Bk, d)
+        dv_block = xp.zeros(v_block.shape, dtype=q.dtype, device=dev)  # (b, h, Bk, d_v)
+        for q0 in range(0, seq_q, block_size):
+            q1 = min(q0 + block_size, seq_q)
+            if causal and q1 - 1 + offset < k0:  # every query here is before every key
+                continue
+            rows = slice(q0, q1)
+            q_pos = xp.arange(q0 + offset, q1 + offset, device=dev)  # (Bq,)
+            allowed = _tile_allowed(mask, causal, q_pos, rows, slice(k0, k1))
+            s = xp.matmul(q_scaled[:, :, rows, :], xp.matrix_transpose(k_block))  # (b,h,Bq,Bk)
+            if allowed is not None:
+                s = xp.where(allowed, s, -xp.inf)  # (b, h, Bq, Bk)
+            p = xp.exp(s - lse[:, :, rows, :])  # (b, h, Bq, Bk): P, 0 where masked
+            g = grad_out[:, :, rows, :]  # (b, h, Bq, d_v)
+            dv_block += xp.matmul(xp.matrix_transpose(p), g)  # (b, h, Bk, d_v)
+            dp = xp.matmul(g, xp.matrix_transpose(v_block))  # (b, h, Bq, Bk)
+            ds = p * (dp - delta[:, :, rows, :])  # (b, h, Bq, Bk)
+            dq[:, :, rows, :] = dq[:, :, rows, :] + xp.matmul(ds, k_block) * scale  # (.., Bq, d)
+            dk_block += xp.matmul(xp.matrix_transpose(ds), q_scaled[:, :, rows, :])  # (.., Bk, d)
+        dk[:, :, k0:k1, :] = dk_block  # (b, h, Bk, d); Q was scaled already
+        dv[:, :, k0:k1, :] = dv_block  # (b, h, Bk, d_v)
+    return dq, dk, dv
+
+
+def _row_logsumexp(
+    q_scaled: Array, k: Array, mask: Array | None, causal: bool, block_size: int
+) -> Array:
+    """L_i = log sum_j exp(S_ij) over the keys query i may see, one tile at a time (the
+    online softmax's running max m and sum l, without the output): L = m + log l.
+
+    q_scaled: (batch, heads, seq_q, d), already times scale; k: (batch, heads, seq_k, d)
+    -> (batch, heads, seq_q, 1); -inf for a query that may see no key.
+    """
+    xp = array_namespace(q_scaled, k)
+    dev = device_of(q_scaled)
+    batch, heads, seq_q, _ = q_scaled.shape
+    seq_k = k.shape[2]
+    offset = seq_k - seq_q
+    lse = xp.zeros((batch, heads, seq_q, 1), dtype=q_scaled.dtype, device=dev)
+    for q0 in range(0, seq_q, block_size):
+        q1 = min(q0 + block_size, seq_q)
+        rows = slice(q0, q1)
+        q_pos = xp.arange(q0 + offset, q1 + offset, device=dev)  # (Bq,)
+        k_end = min(seq_k, q1 + offset) if causal else seq_k
+        m = xp.full((batch, heads, q1 - q0, 1), -xp.inf, dtype=lse.dtype, device=dev)  # max
+        l = xp.zeros((batch, heads, q1 - q0, 1), dtype=lse.dtype, device=dev)  # sum
+        for k0 in range(0, k_end, block_size):
+            k1 = min(k0 + block_size, k_end)
+            allowed = _tile_allowed(mask, causal, q_pos, rows, slice(k0, k1))
+            s = xp.matmul(q_scaled[:, :, rows, :], xp.matrix_transpose(k[:, :, k0:k1, :]))
+            if allowed is not None:
+                s = xp.where(allowed, s, -xp.inf)  # (b, h, Bq, Bk)
+            m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))  # (b, h, Bq, 1)
+            m_safe = xp.where(xp.isfinite(m_new), m_new, 0.0)  # nothing allowed yet
+            l = l * xp.exp(m - m_safe) + xp.sum(xp.exp(s - m_safe), axis=-1, keepdims=True)
+            m = m_new
+        log_l = xp.log(xp.where(l > 0, l, 1.0))  # (b, h, Bq, 1)
+        lse[:, :, rows, :] = xp.where(l > 0, m + log_l, -xp.inf)  # (b, h, Bq, 1)
+    return lse
+
+
 @register_attention(
     "blockwise",
     description="Exact softmax attention, key/value blocks with an online softmax",
@@ -66,6 +178,7 @@ def _block_of(mask: Array, rows: slice, cols: slice) -> Array:
             int, 256, "keys and queries per block", check=lambda b: b > 0, rule="must be >= 1"
         )
     },
+    backward=blockwise_attention_backward,
 )
 def blockwise_attention(
     q: Array,
@@ -124,13 +237,27 @@ def _query_block(
     q_pos = xp.arange(q0 + offset, q1 + offset, device=dev)  # (Bq,) positions of the queries
     for k0 in range(0, k_end, block_size):
         k1 = min(k0 + block_size, k_end)
-        allowed = None if mask is None else _block_of(mask, slice(q0, q1), slice(k0, k1))
-        if causal:
-            k_pos = xp.arange(k0, k1, device=dev)  # (Bk,)
-            before = k_pos[None, :] <= q_pos[:, None]  # (Bq, Bk)
-            allowed = before if allowed is None else xp.logical_and(allowed, before)
+        allowed = _tile_allowed(mask, causal, q_pos, slice(q0, q1), slice(k0, k1))
         m, l, acc = _online_step(q_block, k[:, :, k0:k1, :], v[:, :, k0:k1, :], allowed, m, l, acc)
     return acc / xp.where(l > 0, l, 1.0)  # (b, h, Bq, d_v); a fully masked row stays 0
+
+
+def _tile_allowed(
+    mask: Array | None, causal: bool, q_pos: Array, rows: slice, cols: slice
+) -> Array | None:
+    """Which keys of the tile each query may see: the mask's block, and with causal=True
+    only keys at or before the query's position. None when everything is allowed.
+
+    q_pos: (Bq,) the positions of the tile's queries; rows, cols: the tile's query and
+    key ranges -> boolean, broadcastable to (batch, heads, Bq, Bk), or None.
+    """
+    allowed = None if mask is None else _block_of(mask, rows, cols)  # (.., Bq or 1, Bk or 1)
+    if causal:
+        xp = array_namespace(q_pos)
+        k_pos = xp.arange(cols.start, cols.stop, device=device_of(q_pos))  # (Bk,)
+        before = k_pos[None, :] <= q_pos[:, None]  # (Bq, Bk)
+        allowed = before if allowed is None else xp.logical_and(allowed, before)
+    return allowed
 
 
 def _online_step(

@@ -17,7 +17,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from tinytx.functional import scaled_dot_product_attention
+from tinytx.functional import scaled_dot_product_attention, scaled_dot_product_attention_backward
 from tinytx.plugins.registry import Option, register_attention
 
 Array = Any
@@ -28,6 +28,52 @@ def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
     xp = array_namespace(x)
     norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))  # (..., 1)
     return x / xp.maximum(norm, eps)  # (..., d)
+
+
+def l2_normalize_backward(grad_y: Array, x: Array, eps: float = 1e-6) -> Array:
+    """The backward of :func:`l2_normalize`: with y = x / |x| (|x| > eps),
+
+        dx = (dy - y * sum(dy * y)) / |x|       (the part of dy along y is removed)
+
+    and dx = dy / eps where |x| <= eps (there y = x / eps is linear in x).
+    grad_y, x: (..., d) -> (..., d).
+    """
+    xp = array_namespace(grad_y, x)
+    norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))  # (..., 1)
+    large = norm > eps  # (..., 1)
+    safe = xp.where(large, norm, eps)  # (..., 1)
+    y = x / safe  # (..., d)
+    along = xp.where(large, xp.sum(grad_y * y, axis=-1, keepdims=True), 0.0)  # (..., 1)
+    return (grad_y - y * along) / safe  # (..., d)
+
+
+def cosine_attention_backward(
+    grad_out: Array,
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    weights: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    temperature: float = 10.0,
+) -> tuple[Array, Array, Array]:
+    """The backward of :func:`cosine_attention` (defined first: the registration names it).
+
+    Softmax attention's backward on the normalized Q^, K^ with scale tau gives dQ^, dK^
+    and dV; then back through the normalization (:func:`l2_normalize_backward`):
+        dQ = (dQ^ - Q^ rowsum(dQ^ * Q^)) / |Q|,   dK likewise.
+    grad_out: (b, h, s_q, d_v); weights: (b, h, s_q, s_k) -> dq, dk, dv of q's, k's, v's shapes.
+    """
+    tau = temperature if scale is None else scale
+    q_hat = l2_normalize(q)  # (batch, heads, seq_q, d)
+    k_hat = l2_normalize(k)  # (batch, heads, seq_k, d)
+    dq_hat, dk_hat, dv = scaled_dot_product_attention_backward(
+        grad_out, q_hat, k_hat, v, weights, scale=tau
+    )  # (b, h, seq_q, d), (b, h, seq_k, d), (b, h, seq_k, d_v)
+    return l2_normalize_backward(dq_hat, q), l2_normalize_backward(dk_hat, k), dv
 
 
 @register_attention(
@@ -45,6 +91,7 @@ def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
             float, 10.0, "tau, the largest possible score", check=lambda t: t > 0, rule="> 0"
         )
     },
+    backward=cosine_attention_backward,
 )
 def cosine_attention(
     q: Array,

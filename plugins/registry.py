@@ -9,6 +9,17 @@ Every variant follows one contract (see ``../shared/design.md``)::
     output: (batch, heads, seq_q, d_v); weights: (batch, heads, seq_q, seq_k) or None
     mask: boolean, True where attention is allowed, broadcastable to (batch, heads, seq_q, seq_k)
 
+A variant may also register its backward (``register_attention(..., backward=fn)``),
+the vector-Jacobian product of the same contract, so that models can learn through it::
+
+    fn(grad_out, q, k, v, out, weights, *, mask, causal, scale, **options) -> (dq, dk, dv)
+
+    grad_out, out: (batch, heads, seq_q, d_v); weights: what the forward returned (or None)
+    dq: q's shape; dk, dv: (batch, heads, seq_k, d / d_v), with all ``heads``, as k, v came in
+
+:meth:`AttentionVariant.backward` calls it (asking for one that was not registered is an
+error naming the variant), and the kit checks it against finite differences.
+
 A variant declares what it promises (:class:`Promises`); the conformance kit in
 :mod:`tinytx.testing` holds it to exactly that. A variant that cannot honour ``mask`` or
 ``causal`` must refuse it: :class:`AttentionVariant` does so for it, loudly, when it does
@@ -140,7 +151,8 @@ class AttentionVariant:
     Calling it validates the inputs and the options, refuses a mask or causal flag the
     function cannot honour, repeats grouped key/value heads so that the function always
     sees as many as there are query heads, and checks the shape and dtype of what the
-    function returns.
+    function returns. :meth:`backward` does the same for the registered backward
+    (``backward_fn``; None when the variant has none).
     """
 
     name: str
@@ -151,6 +163,7 @@ class AttentionVariant:
     options: Mapping[str, Option] = field(default_factory=dict)
     source: str = ""  # "built-in", the plugin (file, module, entry point), or "module m"
     from_plugin: bool = False  # loaded by load_plugin or from an entry point
+    backward_fn: Callable[..., tuple[Any, Any, Any]] | None = None  # register_attention(backward=)
 
     @property
     def builtin(self) -> bool:
@@ -191,16 +204,7 @@ class AttentionVariant:
         from tinytx.functional import check_attention_inputs, repeat_kv
 
         check_attention_inputs(q, k, v, mask)
-        if mask is not None and not self.promises.supports_mask:
-            raise AttentionError(
-                f"{self._who()} does not support a mask; choose a variant that does "
-                f"(e.g. 'softmax')"
-            )
-        if causal and not self.promises.supports_causal:
-            raise AttentionError(
-                f"{self._who()} does not support causal=True; choose a variant that "
-                f"does (e.g. 'softmax')"
-            )
+        self._refuse_unsupported(mask, causal)
         resolved = self.resolve_options(options)
         k = repeat_kv(k, q.shape[1])  # (batch, heads, seq_k, d): grouped heads shared out
         v = repeat_kv(v, q.shape[1])  # (batch, heads, seq_k, d_v)
@@ -211,6 +215,19 @@ class AttentionVariant:
         except Exception as err:
             raise AttentionError(f"{self._who()} raised {type(err).__name__}: {err}") from err
         return self._checked(result, q, v)
+
+    def _refuse_unsupported(self, mask: Any, causal: bool) -> None:
+        """Refuse, loudly, a mask or causal=True that the variant does not declare."""
+        if mask is not None and not self.promises.supports_mask:
+            raise AttentionError(
+                f"{self._who()} does not support a mask; choose a variant that does "
+                f"(e.g. 'softmax')"
+            )
+        if causal and not self.promises.supports_causal:
+            raise AttentionError(
+                f"{self._who()} does not support causal=True; choose a variant that "
+                f"does (e.g. 'softmax')"
+            )
 
     def _checked(self, result: Any, q: Any, v: Any) -> tuple[Any, Any]:
         """Check that the variant returned (output, weights) of the contract's shapes."""
@@ -244,6 +261,88 @@ class AttentionVariant:
                 )
         return output, weights
 
+    @property
+    def has_backward(self) -> bool:
+        """True when the variant registered a backward (``register_attention(backward=fn)``)."""
+        return self.backward_fn is not None
+
+    def backward(
+        self,
+        grad_out: Any,
+        q: Any,
+        k: Any,
+        v: Any,
+        out: Any,
+        weights: Any,
+        *,
+        mask: Any = None,
+        causal: bool = False,
+        scale: float | None = None,
+        **options: Any,
+    ) -> tuple[Any, Any, Any]:
+        """The vector-Jacobian product of the forward: (dL/dq, dL/dk, dL/dv) from
+        grad_out = dL/d(output), for the same q, k, v, mask, causal, scale and options.
+
+        ``out`` and ``weights`` are what the forward returned for those inputs (None: the
+        forward is run again here to get them). Validated as the forward is (shapes,
+        options, a mask or causal flag the variant does not support is refused); the
+        registered function sees k, v repeated to ``heads``, and the gradients of a
+        shared key/value head (grouped-query) are summed over its group.
+
+        grad_out, out: (batch, heads, seq_q, d_v); weights: (batch, heads, seq_q, seq_k)
+        or None -> dq (batch, heads, seq_q, d), dk (batch, heads_kv, seq_k, d),
+        dv (batch, heads_kv, seq_k, d_v): the shapes of q, k, v.
+        """
+        from tinytx.functional import check_attention_inputs, repeat_kv, repeat_kv_backward
+
+        if self.backward_fn is None:
+            with_one = [name for name, x in sorted(_REGISTRY.items()) if x.has_backward]
+            raise AttentionError(
+                f"{self._who()} has no backward; variants with one: {', '.join(with_one) or 'none'}"
+            )
+        check_attention_inputs(q, k, v, mask)
+        self._refuse_unsupported(mask, causal)
+        resolved = self.resolve_options(options)
+        batch, heads, seq_q, _ = q.shape
+        heads_kv, seq_k, d_v = v.shape[1], v.shape[2], v.shape[3]
+        self._check_array("grad_out", grad_out, (batch, heads, seq_q, d_v), q.dtype)
+        if out is None or (weights is None and self.promises.returns_weights):
+            out, weights = self(q, k, v, mask=mask, causal=causal, scale=scale, **options)
+        self._check_array("out", out, (batch, heads, seq_q, d_v), q.dtype)
+        if weights is not None:
+            self._check_array("weights", weights, (batch, heads, seq_q, seq_k), q.dtype)
+        k_all = repeat_kv(k, heads)  # (batch, heads, seq_k, d): grouped heads shared out
+        v_all = repeat_kv(v, heads)  # (batch, heads, seq_k, d_v)
+        kwargs = {"mask": mask, "causal": causal, "scale": scale, **resolved}
+        try:
+            result = self.backward_fn(grad_out, q, k_all, v_all, out, weights, **kwargs)
+        except AttentionError:
+            raise
+        except Exception as err:
+            raise AttentionError(
+                f"{self._who()}: its backward raised {type(err).__name__}: {err}"
+            ) from err
+        if not (isinstance(result, tuple) and len(result) == 3):
+            raise AttentionError(
+                f"{self._who()}: its backward must return (dq, dk, dv), got {type(result).__name__}"
+            )
+        for what, grad, like in zip(("dq", "dk", "dv"), result, (q, k_all, v_all), strict=True):
+            self._check_array(f"backward's {what}", grad, tuple(like.shape), q.dtype)
+        dq, dk, dv = result
+        # grouped-query: a shared key/value head gets the sum of its query heads' gradients
+        return dq, repeat_kv_backward(dk, heads_kv), repeat_kv_backward(dv, heads_kv)
+
+    def _check_array(self, what: str, a: Any, shape: tuple[int, ...], dtype: Any) -> None:
+        """An error naming the variant unless ``a`` is an array of ``shape`` and ``dtype``."""
+        got = tuple(getattr(a, "shape", ()))
+        if got != shape or not hasattr(a, "dtype"):
+            kind = f"shape {got}" if hasattr(a, "shape") else type(a).__name__
+            raise AttentionError(f"{self._who()}: {what} has {kind}; expected shape {shape}")
+        if a.dtype != dtype:
+            raise AttentionError(
+                f"{self._who()}: {what} has dtype {a.dtype}; expected {dtype} (q's dtype)"
+            )
+
 
 _REGISTRY: dict[str, AttentionVariant] = {}
 # The plugin being loaded right now (a file, module or entry point), so that the variants
@@ -264,6 +363,7 @@ def register_attention(
     returns_weights: bool = False,
     options: Mapping[str, Option] | None = None,
     replace: bool = False,
+    backward: Callable[..., tuple[Any, Any, Any]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register an attention function under ``name``.
 
@@ -276,6 +376,16 @@ def register_attention(
     ... def mine(q, k, v, *, mask=None, causal=False, scale=None, temperature=1.0): ...
 
     A second registration of the same name is an error unless ``replace=True``.
+
+    ``backward``: the variant's vector-Jacobian product, so that gradients can flow
+    through it (without one, :meth:`AttentionVariant.backward` is an error naming it)::
+
+        backward(grad_out, q, k, v, out, weights, *, mask, causal, scale, **options)
+            -> (dq, dk, dv)
+
+    It gets what the forward got (k, v with all heads) plus grad_out = dL/d(output) and
+    the forward's ``out`` and ``weights``, and returns arrays of q's, k's and v's shapes.
+    The kit checks it against finite differences.
     """
     if not isinstance(name, str) or not name.strip():
         raise AttentionError(f"an attention variant needs a non-empty name, got {name!r}")
@@ -287,6 +397,8 @@ def register_attention(
         supports_causal=supports_causal,
         returns_weights=returns_weights,
     )
+    if backward is not None and not callable(backward):
+        raise AttentionError(f"attention {name!r}: backward={backward!r} is not callable")
     for opt_name, spec in (options or {}).items():
         if not isinstance(spec, Option):
             raise AttentionError(
@@ -317,6 +429,7 @@ def register_attention(
             options=dict(options or {}),
             source=source,
             from_plugin=from_plugin,
+            backward_fn=backward,
         )
         return fn
 

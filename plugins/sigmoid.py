@@ -39,6 +39,42 @@ def sigmoid(x: Array) -> Array:
     return t  # (...) in [0, 1]
 
 
+def sigmoid_attention_backward(
+    grad_out: Array,
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    weights: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Array, Array, Array]:
+    """The backward of :func:`sigmoid_attention` (defined first: the registration names it).
+
+    With W = sigmoid(S + b) (0 where masked), S = Q K^T * scale, O = W V and G = dL/dO:
+
+        dV = W^T G                         (batch, heads, seq_k, d_v)
+        dW = G V^T                         (batch, heads, seq_q, seq_k)
+        dS = dW * W * (1 - W)              sigmoid' = sigmoid (1 - sigmoid); 0 where masked
+        dQ = dS K * scale,  dK = dS^T Q * scale
+
+    Each weight depends on its own score only, so there is no row-wise term (softmax's
+    backward subtracts one). The bias -log n does not depend on q or k.
+    grad_out, out: (batch, heads, seq_q, d_v); weights: (batch, heads, seq_q, seq_k)
+    -> dq (batch, heads, seq_q, d), dk (batch, heads, seq_k, d), dv (batch, heads, seq_k, d_v).
+    """
+    xp = array_namespace(grad_out, q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    dv = xp.matmul(xp.matrix_transpose(weights), grad_out)  # (batch, heads, seq_k, d_v)
+    d_weights = xp.matmul(grad_out, xp.matrix_transpose(v))  # (batch, heads, seq_q, seq_k)
+    d_scores = d_weights * weights * (1.0 - weights)  # (batch, heads, seq_q, seq_k)
+    dq = xp.matmul(d_scores, k) * scale  # (batch, heads, seq_q, d)
+    dk = xp.matmul(xp.matrix_transpose(d_scores), q) * scale  # (batch, heads, seq_k, d)
+    return dq, dk, dv
+
+
 @register_attention(
     "sigmoid",
     description="Sigmoid attention with bias -log(n); rows do not sum to 1",
@@ -48,6 +84,7 @@ def sigmoid(x: Array) -> Array:
     supports_mask=True,
     supports_causal=True,
     returns_weights=True,
+    backward=sigmoid_attention_backward,
 )
 def sigmoid_attention(
     q: Array,

@@ -24,7 +24,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from tinytx.functional import scaled_dot_product_attention
+from tinytx.functional import scaled_dot_product_attention, scaled_dot_product_attention_backward
 from tinytx.plugins.registry import Option, register_attention
 
 Array = Any
@@ -68,6 +68,30 @@ def rows_per_block(window: int) -> int:
     return max(64, 4 * window)
 
 
+def sliding_window_attention_backward(
+    grad_out: Array,
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    weights: Array,
+    *,
+    mask: Array | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int = 4,
+) -> tuple[Array, Array, Array]:
+    """The backward of :func:`sliding_window_attention` (defined first: the registration
+    names it): softmax attention's, with the band in the weights.
+
+    W is 0 outside the window (and wherever ``mask`` forbids), so dS = W * (dW -
+    rowsum(dW * W)) is 0 there too: keys outside a query's window get no gradient from
+    it. dV = W^T G, dW = G V^T, dQ = dS K * scale, dK = dS^T Q * scale.
+    grad_out: (b, h, s_q, d_v); weights: (b, h, s_q, s_k) -> dq, dk, dv of q's, k's, v's shapes.
+    """
+    return scaled_dot_product_attention_backward(grad_out, q, k, v, weights, scale=scale)
+
+
 @register_attention(
     "sliding_window",
     description="Softmax attention within a window of nearby positions (local attention)",
@@ -82,6 +106,7 @@ def rows_per_block(window: int) -> int:
             int, 4, "keys within this distance (exclusive)", check=lambda w: w > 0, rule=">= 1"
         )
     },
+    backward=sliding_window_attention_backward,
 )
 def sliding_window_attention(
     q: Array,

@@ -10,8 +10,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinytx.functional import scaled_dot_product_attention
+from tinytx.functional import scaled_dot_product_attention, scaled_dot_product_attention_backward
 from tinytx.plugins.registry import register_attention
+
+
+def softmax_attention_backward(
+    grad_out: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    weights: Any,
+    *,
+    mask: Any = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Any, Any, Any]:
+    """dQ, dK, dV of softmax attention (defined first: the registration names it).
+
+    With W the forward's weights (0 where masked), S = Q K^T * scale, G = dL/dO:
+        dV = W^T G,  dW = G V^T,  dS = W * (dW - rowsum(dW * W)),
+        dQ = dS K * scale,  dK = dS^T Q * scale.
+    The weights carry the mask (and causality), so neither is needed here; the
+    arithmetic is :func:`tinytx.functional.scaled_dot_product_attention_backward`.
+    grad_out: (b, h, s_q, d_v); q: (b, h, s_q, d); k, v: (b, h, s_k, d / d_v);
+    weights: (b, h, s_q, s_k) -> dq, dk, dv of q's, k's and v's shapes.
+    """
+    return scaled_dot_product_attention_backward(grad_out, q, k, v, weights, scale=scale)
 
 
 @register_attention(
@@ -24,6 +49,7 @@ from tinytx.plugins.registry import register_attention
     supports_mask=True,
     supports_causal=True,
     returns_weights=True,
+    backward=softmax_attention_backward,
 )
 def softmax_attention(
     q: Any, k: Any, v: Any, *, mask: Any = None, causal: bool = False, scale: float | None = None

@@ -30,6 +30,14 @@ Promised properties (skipped when not promised):
     permutation_equivariance  permuting queries permutes the output rows; permuting the
                           keys and values together changes nothing (no mask, no positions)
     exact_softmax         equal to softmax attention (tinytx.functional) within tolerance
+The backward, when the variant registered one (else skipped: "no backward"):
+    backward              in float64, <dL/dx, u> against central differences
+                          (L(x + h u) - L(x - h u)) / 2h for random directions u of q, k
+                          and v, L = sum(G * output) with a random cotangent G: relative
+                          error at most 1e-6 (beyond the rounding error of L, which the
+                          kit bounds); with the masks, causal flag and grouped-query
+                          heads the variant accepts; exact variants also give softmax
+                          attention's gradients, in float64 and float32
 
 Host-side code: it draws inputs with NumPy and moves them with ``backend.asarray``.
 """
@@ -37,6 +45,7 @@ Host-side code: it draws inputs with NumPy and moves them with ``backend.asarray
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +92,7 @@ PROPERTIES = (
     "padding_invariance",
     "exact_softmax",
     "backend_agreement",
+    "backward",
 )
 
 # --- inputs: shapes, cases, strategies --------------------------------------------------
@@ -292,6 +302,14 @@ class _Subject:
     @property
     def promises(self) -> Promises:
         return self.variant.promises
+
+    def backward(
+        self, grad_out: Any, q: Any, k: Any, v: Any, out: Any, weights: Any, mask: Any, causal: bool
+    ) -> tuple[Any, Any, Any]:
+        """The variant's registered backward: (dq, dk, dv) of q's, k's and v's shapes."""
+        return self.variant.backward(
+            grad_out, q, k, v, out, weights, mask=mask, causal=causal, **self.options
+        )
 
     def __call__(self, q: Any, k: Any, v: Any, mask: Any = None, causal: bool = False) -> Any:
         if not self.raw:
@@ -570,6 +588,89 @@ def _prop_backends(subject: _Subject, backend: Backend, case: AttentionCase) -> 
             _assert_close(w, w2, f"weights on {backend.name} differ from {other.name}")
 
 
+# The backward's check. Inputs are of order 1; central differences with steps h and h/2
+# combined (Richardson: (4 D(h/2) - D(h)) / 3) leave a truncation error of order h^4
+# times a fifth derivative, small even where one is large (cosine attention of a short
+# query: 1/|q|^5); the rounding error of L divided by h stays ~1e-11 relative.
+_FD_STEP = 1e-5
+_FD_RTOL = 1e-6
+
+
+def _loss(out: np.ndarray, grad_out: np.ndarray) -> float:
+    """L = sum(G * output), summed exactly (math.fsum): its only rounding is the forward's."""
+    return math.fsum((grad_out * out).ravel().tolist())
+
+
+def _prop_backward(subject: _Subject, backend: Backend, case: AttentionCase) -> float:
+    """The backward against central differences of L = sum(G * output) in float64, one
+    random direction per input; returns the worst relative error. Exact variants must
+    also give softmax attention's gradients (float64 and float32)."""
+    host = case.host()  # float64
+    q, k, v, mask = _to_backend(backend, host)
+    out, weights = subject(q, k, v, mask=mask, causal=case.causal)
+    rng = np.random.default_rng(case.seed + 2)
+    g = rng.standard_normal(tuple(out.shape))  # (batch, heads, seq_q, d_v) the cotangent G
+    grads = subject.backward(backend.asarray(g), q, k, v, out, weights, mask, case.causal)
+    s = case.shape
+    # Rounding bound of L: each output is made with dot products of d and seq_k terms and
+    # a few element-wise steps, each at most eps relative, so |error of L| <= n eps sum|G o|.
+    steps = 2 * (s.d + s.seq_k) + 16
+    size_of_loss = float(np.sum(np.abs(g * backend.to_numpy(out))))
+    # That error divided by h, in D(h) and D(h/2), enters the extrapolation (4 D(h/2) - D(h)) / 3
+    # at most (4 * 2 + 1) / 3 = 3 times.
+    noise = 3 * steps * np.finfo(np.float64).eps * size_of_loss / _FD_STEP
+    worst = 0.0
+    for name, grad in zip(("q", "k", "v"), grads, strict=True):
+        u = rng.standard_normal(host[name].shape)  # the direction
+
+        def difference(h: float, name: str = name, u: np.ndarray = u) -> float:
+            """(L(x + h u) - L(x - h u)) / 2h, x the input ``name``."""
+            plus = {**host, name: host[name] + h * u}
+            minus = {**host, name: host[name] - h * u}
+            out_plus, _ = _run(subject, backend, plus, case.causal)
+            out_minus, _ = _run(subject, backend, minus, case.causal)
+            return (_loss(out_plus, g) - _loss(out_minus, g)) / (2 * h)
+
+        numeric = (4 * difference(_FD_STEP / 2) - difference(_FD_STEP)) / 3
+        analytic = float(np.sum(backend.to_numpy(grad) * u))
+        error = abs(numeric - analytic)
+        size = max(abs(numeric), abs(analytic))
+        if error > _FD_RTOL * size + noise:
+            relative = error / max(size, noise)
+            raise AssertionError(  # short: the counter-example tells the rest
+                f"d{name} != central differences: relative error {relative:.0e}"
+            )
+        if size > noise:  # a derivative below the rounding noise is 0 within rounding
+            worst = max(worst, error / size)
+    if subject.promises.exact:
+        for dtype in ("float64", "float32"):
+            _compare_with_softmax(subject, backend, dataclasses.replace(case, dtype=dtype), g)
+    return worst
+
+
+def _compare_with_softmax(
+    subject: _Subject, backend: Backend, case: AttentionCase, g: np.ndarray
+) -> None:
+    """An exact variant's gradients equal softmax attention's within rounding."""
+    from tinytx.functional import (
+        scaled_dot_product_attention,
+        scaled_dot_product_attention_backward,
+    )
+
+    q, k, v, mask = case.on(backend)
+    grad_out = backend.asarray(g.astype(case.dtype))  # (batch, heads, seq_q, d_v)
+    out, weights = subject(q, k, v, mask=mask, causal=case.causal)
+    mine = subject.backward(grad_out, q, k, v, out, weights, mask, case.causal)
+    _, ref_weights = scaled_dot_product_attention(q, k, v, mask=mask, causal=case.causal)
+    ref = scaled_dot_product_attention_backward(grad_out, q, k, v, ref_weights)
+    for name, got, want in zip(("dq", "dk", "dv"), mine, ref, strict=True):
+        _assert_close(
+            backend.to_numpy(got),
+            backend.to_numpy(want),
+            f"{name} ({case.dtype}) differs from softmax attention's",
+        )
+
+
 def _other_backends(backend: Backend) -> list[Backend]:
     return [
         get_backend(name)
@@ -749,6 +850,18 @@ def _plan(
         )
     else:
         plan["backend_agreement"] = "no other backend available"
+    if subject.variant.has_backward:
+        plan["backward"] = (
+            _prop_backward,
+            attention_cases(
+                shape=shapes(max_seq=max_seq),
+                dtypes=("float64",),
+                causal=acc.causal_flag(),
+                mask=any_mask,
+            ),
+        )
+    else:
+        plan["backward"] = "no backward"
     mask_notes = (acc.notes.get("mask", ""), acc.notes.get("general_mask", ""))
     notes = {
         "causal_no_leak": acc.notes.get("causal", ""),
@@ -858,27 +971,32 @@ def _run_property(
     subject: _Subject,
     backend: Backend,
     config: settings,
-) -> tuple[str, str]:
-    """Run one property under hypothesis: ("", "") when it holds, else (message, shrunk case)."""
+) -> tuple[str, str, float | None]:
+    """Run one property under hypothesis: ("", "", worst) when it holds, else (message,
+    shrunk case, None). ``worst``: the largest number a check returned (the backward's
+    relative error), None when it returns nothing."""
     failing: list[tuple[AttentionCase, BaseException]] = []
+    measured: list[float] = []
 
     @config
     @given(case=strategy)
     def prop(case: AttentionCase) -> None:
         try:
-            check(subject, backend, case)
+            value = check(subject, backend, case)
         except Exception as err:
             failing.append((case, err))
             raise
+        if isinstance(value, float):
+            measured.append(value)
 
     try:
         prop()
     except Exception as err:
         if failing:  # hypothesis replays the shrunk example last
             case, cause = failing[-1]
-            return _first_line(cause), repr(case)
-        return _first_line(err), ""
-    return "", ""
+            return _first_line(cause), repr(case), None
+        return _first_line(err), "", None
+    return "", "", max(measured) if measured else None
 
 
 def check_attention(
@@ -924,8 +1042,11 @@ def check_attention(
         if isinstance(step, str):
             results[name] = PropertyResult(name, "skipped", step)
             continue
-        message, counterexample = _run_property(step[0], step[1], subject, chosen, config)
+        message, counterexample, worst = _run_property(step[0], step[1], subject, chosen, config)
         note = notes.get(name, "")
+        if name == "backward" and worst is not None:
+            also = "; matches softmax's" if subject.promises.exact else ""
+            note = f"rel. error <= {worst:.0e} vs central differences{also}"
         if message:
             results[name] = PropertyResult(name, "failed", message, counterexample)
         else:
