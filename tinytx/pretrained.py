@@ -31,6 +31,7 @@ __all__ = [
 LOADERS: dict[str, str] = {
     "bert": "tinytx.models.bert:load_bert",
     "gpt2": "tinytx.models.gpt:load_gpt2",
+    "tinytx-seq2seq": "tinytx.models.seq2seq:load_seq2seq",
 }
 
 

@@ -3,5 +3,6 @@
 
 from tinytx.layers.encoder import Encoder
 from tinytx.models.gpt import GPT, GPTConfig
+from tinytx.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
-__all__ = ["Encoder", "GPT", "GPTConfig"]
+__all__ = ["Encoder", "GPT", "GPTConfig", "Seq2Seq", "Seq2SeqConfig"]
