@@ -10,12 +10,13 @@
   ``loss_and_grads`` against transformers' ``GPT2LMHeadModel`` with the same weights,
   cross-entropy of its logits, ``loss.backward()``. No optimizer step (``tinytx bench
   train`` times whole training steps).
-- ``attention``: peak memory (and time) of forward + backward of the ``softmax`` and
+- ``attention``: peak memory of one forward + backward of the ``softmax`` and
   ``blockwise`` attention variants alone at (batch 1, 8 heads, seq, d 64), seq 4096 by
   default: ``variant(q, k, v)`` then ``variant.backward(...)``. softmax keeps the
   (seq, seq) weights for its backward; blockwise's FlashAttention-style backward
   recomputes score tiles instead. Peak memory is measured as in ``tinytx bench
-  attention`` (tracemalloc on numpy/strict, a memory hook on cupy), in a separate run.
+  attention`` (tracemalloc on numpy/strict, a memory hook on cupy), one run per variant,
+  whose time is shown too (indicative only).
 
 Both sides get the same thread count, runs alternate (a burst of load from elsewhere hits
 both), each side is warmed up, and the median of ``repeats`` runs is reported with the
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -192,16 +194,11 @@ def _worst_relative_difference(ours: dict, theirs: dict) -> float:
 
 
 def attention_memory(
-    backend: Any,
-    seq: int,
-    *,
-    variants: Sequence[str] = ("softmax", "blockwise"),
-    repeats: int = 3,
-    warmup: int = 1,
-    pause: float = 0.2,
+    backend: Any, seq: int, *, variants: Sequence[str] = ("softmax", "blockwise")
 ) -> dict[str, Any]:
-    """Peak memory and time of one forward + backward of each attention variant at
-    (1, 8, seq, 64) float32. A variant without a backward gets a row saying so."""
+    """Peak memory of one forward + backward of each attention variant at
+    (1, 8, seq, 64) float32, and the time of that run (indicative only: a single run,
+    under tracemalloc). A variant without a backward gets a row saying so."""
     from tinytx.bench.attention import BATCH, D_HEAD, HEADS, peak_memory
     from tinytx.plugins import get_attention
 
@@ -209,7 +206,7 @@ def attention_memory(
     shape = (BATCH, HEADS, seq, D_HEAD)
     q, k, v, dout = (backend.asarray(rng.standard_normal(shape, dtype=np.float32))
                      for _ in range(4))  # fmt: skip
-    rows, contenders, method = [], {}, ""
+    rows, method = [], ""
     for name in variants:
         variant = get_attention(name)
         if not getattr(variant, "has_backward", False):
@@ -222,22 +219,15 @@ def attention_memory(
             backend.synchronize()
             return grads
 
-        contenders[name] = once
-        rows.append({"variant": name, "seq": seq})
-    if contenders:
-        timings = time_alternating(
-            contenders, repeats=repeats, warmup=warmup, pause=pause, sync=backend.synchronize
-        )
-        for row in rows:
-            if row["variant"] in contenders:
-                peak, method = peak_memory(contenders[row["variant"]], backend.name)
-                row["median_ms"] = timings[row["variant"]].median * 1e3
-                row["peak_mib"] = None if peak is None else peak / MIB
+        start = time.perf_counter()
+        peak, method = peak_memory(once, backend.name)
+        seconds = time.perf_counter() - start
+        rows.append({"variant": name, "seq": seq, "run_ms": seconds * 1e3,
+                     "peak_mib": None if peak is None else peak / MIB})  # fmt: skip
     base = next((r for r in rows if r["variant"] == "softmax" and "peak_mib" in r), None)
     for row in rows:
         if base is not None and row.get("peak_mib") is not None and base["peak_mib"]:
             row["memory_vs_softmax"] = row["peak_mib"] / base["peak_mib"]
-            row["time_vs_softmax"] = row["median_ms"] / base["median_ms"]
     return {
         "shape": {"batch": BATCH, "heads": HEADS, "seq": seq, "d_head": D_HEAD},
         "memory_method": method,
@@ -307,7 +297,7 @@ def run(
             progress(f"{name}: tinytx {row['tinytx_ms']:.1f} ms, torch {row.get('torch_ms')}")
     memory = None
     if "attention" in chosen:
-        memory = attention_memory(backend, seq, repeats=min(repeats, 3), pause=pause)
+        memory = attention_memory(backend, seq)
     return {
         "benchmark": "backward",
         "backend": backend.name,
@@ -352,9 +342,9 @@ def format_results(result: dict[str, Any]) -> str:
             "",
             f"attention forward + backward alone, (batch {shape['batch']}, {shape['heads']} "
             f"heads, seq {shape['seq']}, d {shape['d_head']}) float32; peak memory by "
-            f"{memory['memory_method'] or '-'}",
+            f"{memory['memory_method'] or '-'}; run_ms: that one run's time, indicative only",
         ]
-        columns = ["variant", "median_ms", "time_vs_softmax", "peak_mib", "memory_vs_softmax"]
+        columns = ["variant", "run_ms", "peak_mib", "memory_vs_softmax"]
         lines.append(format_table(memory["rows"], columns))
         lines += [f"  {r['variant']}: {r['note']}" for r in memory["rows"] if "note" in r]
     return "\n".join(lines)
