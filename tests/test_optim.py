@@ -215,6 +215,9 @@ def test_bad_hyper_parameters(backend, kwargs, message):
 def test_bad_params(backend):
     with pytest.raises(ValueError, match="non-empty dict"):
         AdamW({})
+    weight = backend.asarray(np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="hold the same array"):
+        AdamW({"a": weight, "b": weight})
     with pytest.raises(TypeError, match="only floating-point"):
         AdamW({"ids": backend.asarray(np.arange(3), dtype="int64")})
 

@@ -163,6 +163,12 @@ class AdamW:
                     f"AdamW: parameter {key!r} has dtype {_dtype_name(p.dtype)}; "
                     "only floating-point arrays can be trained"
                 )
+        shared = len({id(p) for p in self.params.values()}) < len(self.params)
+        if shared:
+            raise ValueError(
+                "AdamW: two keys of params hold the same array; it would be updated twice "
+                "per step (a tied weight is one parameter: give it one key)"
+            )
         self.decayed = self._decayed_keys(decay)
         self.t = 0  # steps taken
         self.exp_avg = {k: xp.zeros_like(p) for k, p in self.params.items()}  # m, like p
