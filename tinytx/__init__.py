@@ -6,6 +6,7 @@ variants as plugins; a trace of every forward pass. Start with :mod:`tinytx.laye
 
 __version__ = "0.1.0"
 
+from tinytx import optim  # noqa: E402  (tinytx.optim.AdamW without a second import)
 from tinytx.backends import (  # noqa: E402
     Backend,
     BackendUnavailable,
@@ -27,6 +28,7 @@ __all__ = [
     "get_backend",
     "load_pretrained",
     "loss_and_grads",
+    "optim",
     "trace",
     "use_backend",
     "vjp",
