@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinytx
+from tinytx import functional as F
 from tinytx.layers import (
     DecoderBlock,
     Embedding,
@@ -362,7 +363,7 @@ def test_loss_and_grads(backend, seed, config, seq):
         values = []
         for sign in (1, -1):
             model.load_state_dict({**state, key: value + sign * h * direction})
-            values.append(tinytx.loss_and_grads(model, ids, targets)[0])
+            values.append(float(F.cross_entropy(model(ids), targets)))  # forward only
         model.load_state_dict(state)
         numeric = (values[0] - values[1]) / (2 * h)
         grad = to_host(backend, grads[key])
@@ -494,6 +495,46 @@ def test_param_grads_keys_are_the_parameters(backend, tied):
     assert list(grads) == list(model.parameters())
     for key, value in model.parameters().items():
         assert grads[key].shape == value.shape and grads[key].dtype == value.dtype
+
+
+def test_vjp_output_is_the_forward(backend):
+    """forward_and_save computes what the call computes (float32, the default dtype)."""
+    rng = np.random.default_rng(3)
+    x = backend.asarray(rng.standard_normal((2, 3, 4)), dtype="float32")
+    memory = backend.asarray(rng.standard_normal((2, 2, 4)), dtype="float32")
+    mask = padding_mask([3, 1], 3, backend=backend)
+    ids = backend.asarray(rng.integers(0, 5, (2, 3)))
+    cases = [
+        (EncoderBlock(4, 2, 6, rotary=True), (x,), {"mask": mask}),
+        (DecoderBlock(4, 2, 6, norm_first=True), (x, memory), {}),
+        (MultiHeadAttention(4, 2), (x, memory), {}),
+        (Encoder(2, 4, 2, 6, positions="learned", pooling="mean"), (x,), {"mask": mask}),
+        (small_gpt(backend, tied_head=False), (ids,), {}),
+    ]
+    for module, inputs, kwargs in cases:
+        module = module.to(backend)
+        out, _ = tinytx.vjp(module, *inputs, **kwargs)
+        want = to_host(backend, module(*inputs, **kwargs))
+        # the same operations, except that cross-attention projects k and v in one product
+        bound = 100 * float(np.finfo(np.float32).eps) * np.max(np.abs(want))
+        assert np.max(np.abs(to_host(backend, out) - want)) <= bound, type(module).__name__
+
+
+def test_context_given_as_x_gets_its_own_gradient(backend):
+    """mha(x, x) treats the second x as the context: the two partial gradients add up to
+    self-attention's gradient mha(x)."""
+    rng = np.random.default_rng(4)
+    module = f64(MultiHeadAttention(4, 2, n_kv_heads=1, rotary=True), backend)
+    x = random_input(backend, rng, (2, 3, 4))
+    cotangent = put(backend, rng.standard_normal((2, 3, 4)))
+    (dx_self,), grads_self = tinytx.vjp(module, x, causal=True)[1](cotangent)
+    (dx, dcontext), grads = tinytx.vjp(module, x, x, causal=True)[1](cotangent)
+    total = to_host(backend, dx) + to_host(backend, dcontext)
+    want = to_host(backend, dx_self)
+    assert np.max(np.abs(total - want)) <= 1000 * EPS64 * np.max(np.abs(want))
+    for key, grad in grads.items():
+        got, want = to_host(backend, grad), to_host(backend, grads_self[key])
+        assert np.max(np.abs(got - want)) <= 1000 * EPS64 * np.max(np.abs(want)), key
 
 
 def test_float32_gradients_stay_float32(backend):
