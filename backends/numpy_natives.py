@@ -163,7 +163,11 @@ def _for_each_block(work: Callable[[tuple[Any, ...]], None], x: np.ndarray) -> N
 
     Each thread gets one run of consecutive blocks (one task per thread, not per block:
     a pool task costs tens of microseconds, as much as the work on a small block).
+    An array of one block or less (a decode step's rows) is one call, with no cutting.
     """
+    if x.size <= _BLOCK_ELEMENTS:
+        work((Ellipsis,))  # the whole array
+        return
     blocks = _row_blocks(x)
     threads = min(get_num_threads(), len(blocks))
     if x.size < _PARALLEL_MIN_ELEMENTS or threads == 1:
@@ -224,11 +228,16 @@ def _softmax_block(o: np.ndarray, logits: np.ndarray | None, biases: Sequence[np
         for bias in biases:
             np.copyto(o, bias, where=np.isneginf(bias))  # where(mask, x, -inf)
         row_max = np.max(o, axis=-1, keepdims=True)
+    if np.isposinf(row_max).any():  # the definition's limit: 0 at +inf, -inf elsewhere
+        with np.errstate(invalid="ignore"):
+            limit = np.where(source == np.inf, 0, source - np.inf)
+        np.copyto(o, np.where(np.isposinf(row_max), limit, source))
+        source, row_max = o, np.max(o, axis=-1, keepdims=True)
     row_max[~np.isfinite(row_max)] = 0  # an all -inf row has max -inf
     np.subtract(source, row_max, out=o)
     np.exp(o, out=o)  # exactly 0 where x was -inf
     total = np.sum(o, axis=-1, keepdims=True)  # (..., r, 1)
-    total[~(total > 0)] = 1  # all-masked row: 0 / 1 = 0
+    total[total == 0] = 1  # all-masked row: 0 / 1 = 0 (a NaN row stays NaN)
     np.divide(o, total, out=o)
 
 
@@ -586,6 +595,7 @@ def layer_norm(
         return NotImplemented  # mixed dtypes or unusual shapes: the definition handles them
     out = np.empty(x.shape, dtype=x.dtype)
     x_rows, out_rows = _as_rows(x), _as_rows(out)  # (..., rows, d)
+    overflowed = []  # blocks whose sums or squares overflowed (or met NaN / inf)
 
     def work(block: tuple[Any, ...]) -> None:
         o = out_rows[block]  # (..., r, d)
@@ -593,6 +603,8 @@ def layer_norm(
         mean = np.mean(xs, axis=-1, keepdims=True)  # (..., r, 1)
         np.subtract(xs, mean, out=o)  # centred
         var = np.mean(o * o, axis=-1, keepdims=True)  # (..., r, 1)
+        if not np.all(np.isfinite(var) & (var + eps > 0)):  # overflow, NaN, or 0 / 0
+            overflowed.append(block)
         np.divide(o, np.sqrt(var + eps), out=o)
         if weight is not None:
             np.multiply(o, weight, out=o)
@@ -600,7 +612,10 @@ def layer_norm(
             np.add(o, bias, out=o)
 
     if out.size:
-        _for_each_block(work, out_rows)
+        with np.errstate(over="ignore", invalid="ignore"):
+            _for_each_block(work, out_rows)
+    if overflowed:  # the definition scales such rows down first (exact for the others)
+        return NotImplemented
     return out
 
 
@@ -758,6 +773,7 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     def work(block: tuple[Any, ...]) -> None:
         xs, o = x_rows[block], out_rows[block]  # (..., r, n)
         size = np.abs(xs)  # |x|
+        np.minimum(size, 1e4, out=size)  # capped as the definition: no inf * 0 at +-inf
         z = np.multiply(size, root_half)  # z = |x| / sqrt(2) >= 0
         t = np.multiply(z, 0.5)
         np.add(t, 1.0, out=t)

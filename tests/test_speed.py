@@ -61,3 +61,21 @@ def test_block_sizes_follow_the_l2_cache() -> None:
     assert l2 > 0
     assert numpy_natives._BLOCK_ELEMENTS == max(1 << 12, numpy_natives._L2_BYTES // 16)
     assert numpy_natives._PARALLEL_MIN_ELEMENTS == 4 * numpy_natives._BLOCK_ELEMENTS
+
+
+def test_read_bandwidth_is_a_positive_rate() -> None:
+    from tinytx.bench.generate import read_bandwidth
+
+    assert read_bandwidth(n_bytes=1 << 20, repeats=2, threads=2) > 0
+
+
+def test_weight_bytes_per_token_counts_a_tied_embedding_once() -> None:
+    """GPT-2's shape, small: every parameter once, the position table left out."""
+    from tinytx.bench.generate import weight_bytes_per_token
+    from tinytx.models.gpt import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=50, context_length=16, d_model=8, n_heads=2, n_layers=2)
+    model = GPT(config, seed=0)
+    params = model.parameters()
+    expected = sum(a.size * 4 for name, a in params.items() if not name.startswith("position"))
+    assert weight_bytes_per_token(model) == expected
