@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    describe_machine,
     format_table,
     machine_info,
     set_threads,
@@ -199,6 +200,7 @@ def format_results(result: dict[str, Any]) -> str:
         f"attention variants on {result['backend']} ({result['device']}): batch {shape['batch']}, "
         f"{shape['heads']} heads, d {shape['d_head']}, {shape['dtype']}; median of "
         f"{result['repeats']} alternating runs; peak memory by {result['memory_method']}",
+        describe_machine(result["machine"]),
         "",
     ]
     columns = ["variant", "seq", "median_s", "time_vs_softmax", "peak_mib", "memory_vs_softmax"]

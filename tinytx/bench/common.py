@@ -20,6 +20,7 @@ import numpy as np
 
 __all__ = [
     "Timing",
+    "describe_machine",
     "format_table",
     "machine_info",
     "set_threads",
@@ -140,27 +141,86 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, core count, library versions and the BLAS in use, for the record."""
+    """The machine, for the record: processor (and its widest vector units), cores, the
+    BLAS NumPy uses with its kernel and thread count (via threadpoolctl), tinytx's pool
+    threads, library versions. :func:`describe_machine` makes it one line."""
+    from tinytx.backends import numpy_natives
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": _cpu_model(),
+        "vector_units": _vector_units(),
         "cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "l2_cache_bytes": numpy_natives._L2_BYTES,
+        "tinytx_threads": numpy_natives.get_num_threads(),
         "numpy": np.__version__,
     }
+    if hasattr(os, "getloadavg"):  # other work on the machine while this ran
+        info["load_average_1min"] = os.getloadavg()[0]
     try:
         from threadpoolctl import threadpool_info
 
         info["blas"] = [
             f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})"
             for i in threadpool_info()
+            if i.get("user_api") == "blas"
         ]
+        info["threadpools"] = [
+            {key: i.get(key) for key in ("user_api", "internal_api", "version",
+                                          "architecture", "threading_layer", "num_threads")}
+            for i in threadpool_info()
+        ]  # fmt: skip
     except ImportError:
         pass
     torch = torch_or_none()
     if torch is not None:
         info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def describe_machine(info: Mapping[str, Any]) -> str:
+    """One line: processor, cores, BLAS with kernel and threads, tinytx's threads."""
+    units = info.get("vector_units") or []
+    cpu = info["processor"] + (f" ({', '.join(units)})" if units else "")
+    blas = [
+        f"{p['internal_api']} {p.get('version')}, kernel {p.get('architecture')}, "
+        f"{p.get('num_threads')} threads"
+        for p in info.get("threadpools", [])
+        if p.get("user_api") == "blas"
+    ] or ["unknown (threadpoolctl finds none)"]
+    parts = [
+        f"machine: {cpu}, {info['cpus']} cpus ({info.get('usable_cpus', '?')} usable)",
+        f"L2 {info.get('l2_cache_bytes', 0) // 1024} KiB",
+        "BLAS " + "; ".join(blas),
+        f"tinytx pool {info.get('tinytx_threads', '?')} threads",
+        f"numpy {info['numpy']}",
+    ]
+    if "load_average_1min" in info:
+        parts.append(f"load average {info['load_average_1min']:.1f} (other work)")
+    if "torch" in info:
+        parts.append(f"torch {info['torch']} ({info.get('torch_threads', '?')} threads)")
+    return ", ".join(parts)
+
+
+def _vector_units() -> list[str]:
+    """The widest SIMD extensions the CPU reports (x86 flags or ARM features)."""
+    wanted = ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma", "asimd", "sve", "sve2")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in wanted if name in flags]
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_model() -> str:

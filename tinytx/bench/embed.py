@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    describe_machine,
     format_table,
     machine_info,
     set_threads,
@@ -179,9 +180,8 @@ def format_results(result: dict[str, Any]) -> str:
         f"{result['sentences']} sentences ({tokens['min']}-{tokens['max']} tokens, median "
         f"{tokens['median']:g}, {tokens['total']} in all), batches of {result['batch_size']}; "
         f"threads {result['threads']}",
-        f"median of {result['repeats']} alternating runs after {result['warmup']} warm-up; "
-        f"{machine['processor']}, {machine['cpus']} cpus, numpy {machine['numpy']}, "
-        f"torch {machine.get('torch', 'not installed')}",
+        f"median of {result['repeats']} alternating runs after {result['warmup']} warm-up",
+        describe_machine(machine),
         format_table(result["results"], ["impl", "median_s", "sentences_per_s"]),
     ]
     if "ratio" in result:

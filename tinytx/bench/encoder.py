@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    describe_machine,
     format_table,
     machine_info,
     set_threads,
@@ -197,9 +198,7 @@ def format_results(result: dict[str, Any]) -> str:
     header = (
         f"backend {result['backend']}, threads {result['threads']}, median of "
         f"{result['repeats']} alternating runs after {result['warmup']} warm-up, "
-        f"{result['pause_s']} s rest before each run\n"
-        f"{machine['processor']}, {machine['cpus']} cpus, numpy {machine['numpy']}, "
-        f"torch {machine.get('torch', 'not installed')}, BLAS {machine.get('blas', '?')}"
+        f"{result['pause_s']} s rest before each run\n" + describe_machine(machine)
     )
     return header + "\n" + format_table(rows, columns)
 

@@ -38,7 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from tinytx.bench.common import format_table, machine_info, set_threads, write_json
+from tinytx.bench.common import (
+    describe_machine,
+    format_table,
+    machine_info,
+    set_threads,
+    write_json,
+)
 
 __all__ = ["CONTEXTS", "main", "run"]
 
@@ -295,8 +301,7 @@ def format_results(result: dict[str, Any]) -> str:
         f"new tokens; backend {result['backend']}, threads {result['threads']['requested']}, "
         f"median of {result['repeats']} alternating runs, "
         f"{result.get('pause_s', 0)} s rest before each",
-        f"{machine['processor']}, {machine['cpus']} cpus, numpy {machine['numpy']}, "
-        f"transformers {result['transformers'] or 'not installed'}",
+        describe_machine(machine) + f", transformers {result['transformers'] or 'not installed'}",
         f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s (best sum of a 1 GiB float32 "
         f"array), weights read per token {result['weight_bytes_per_token'] / 1e6:.0f} MB: "
         f"ceiling {result['ceiling_tok_s']:.1f} tokens/s (decode_tok_s = 1 / decode time "
