@@ -201,9 +201,10 @@ class AttentionVariant:
         scale: float | None = None,
         **options: Any,
     ) -> tuple[Any, Any]:
-        from tinytx.functional import check_attention_inputs, repeat_kv
+        from tinytx.functional import check_attention_inputs, check_attention_scale, repeat_kv
 
         check_attention_inputs(q, k, v, mask)
+        check_attention_scale(scale)
         self._refuse_unsupported(mask, causal)
         resolved = self.resolve_options(options)
         k = repeat_kv(k, q.shape[1])  # (batch, heads, seq_k, d): grouped heads shared out

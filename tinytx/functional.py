@@ -14,6 +14,7 @@ lengths), ``d`` (per-head width), ``d_v`` (per-head value width).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -164,13 +165,17 @@ def gelu(x: Array, approximate: str = "none") -> Array:
     argument, no branch, and float32 relative precision also for large negative x
     (where 1 + erf(...) would cancel).
     ``approximate="tanh"``: x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), GPT-2's.
+    Limits, both forms: GELU(+inf) = +inf, GELU(-inf) = 0; NaN only where x is NaN.
     x: any shape -> same shape.
     """
     xp = array_namespace(x)
     _require_float(x, "gelu input")
     if approximate == "tanh":
-        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)  # (...)
-        return 0.5 * x * (1.0 + xp.tanh(inner))
+        # Beyond |x| = 1e4 tanh(...) is exactly +-1, so capping x there changes nothing,
+        # keeps x^3 from overflowing and gives 0.5 * (-1e4) * 0 = 0 at -inf (not NaN).
+        inside = xp.clip(x, min=-1e4, max=1e4)  # (...)
+        inner = math.sqrt(2.0 / math.pi) * (inside + 0.044715 * inside * inside * inside)
+        return 0.5 * xp.clip(x, min=-1e4) * (1.0 + xp.tanh(inner))  # (...)
     if approximate != "none":
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     native_gelu = _native(xp, "gelu")
@@ -179,7 +184,9 @@ def gelu(x: Array, approximate: str = "none") -> Array:
     native = _native(xp, "erf")
     if native is not None:
         return 0.5 * x * (1.0 + native(x * (1.0 / math.sqrt(2.0))))
-    size = xp.abs(x)  # (...)  |x|
+    # |x| capped at 1e4: the tail |x|/2 erfc(|x|/sqrt 2) is exactly 0 from |x| ~ 40 on, and
+    # the cap keeps inf * erfc(inf) = inf * 0 from making NaN at x = +-inf.
+    size = xp.where(xp.abs(x) > 1e4, 1e4, xp.abs(x))  # (...)  |x|, capped
     tail = _erfc_nonneg(size * (1.0 / math.sqrt(2.0)))  # (...)  erfc(|x|/sqrt 2) = 2 Phi(-|x|)
     return xp.maximum(x, xp.zeros_like(x)) - 0.5 * size * tail  # (...)
 
@@ -226,6 +233,8 @@ def softmax(x: Array, axis: int = -1, *, mask: Array | None = None) -> Array:
     Subtracting the row maximum keeps exp() from overflowing, so logits of +-1e4 are fine.
     ``mask`` (boolean, True = keep, broadcastable to x) sets the other entries to zero
     weight. A row with nothing kept (all masked, or all -inf) gives zeros, never NaN.
+    A row holding +inf gives the limit as those logits grow together: equal shares among
+    its +inf entries, 0 elsewhere. NaN only in a row whose kept entries hold a NaN.
     x: any shape -> same shape.
     """
     xp = array_namespace(x)
@@ -235,11 +244,15 @@ def softmax(x: Array, axis: int = -1, *, mask: Array | None = None) -> Array:
         return y
     if mask is not None:
         x = xp.where(mask, x, -xp.inf)  # (...)
+    infinite = x == xp.inf  # (...)
+    if xp.any(infinite):  # rows holding +inf: 0 there, -inf (weight 0) elsewhere, NaN stays
+        limit = xp.where(infinite, 0.0, xp.where(xp.isnan(x), x, -xp.inf))  # (...)
+        x = xp.where(xp.any(infinite, axis=axis, keepdims=True), limit, x)  # (...)
     row_max = xp.max(x, axis=axis, keepdims=True)  # (..., 1, ...)
     row_max = xp.where(xp.isfinite(row_max), row_max, 0.0)  # an all -inf row has max -inf
     e = xp.exp(x - row_max)  # (...)  exactly 0 where x is -inf
     total = xp.sum(e, axis=axis, keepdims=True)  # (..., 1, ...)
-    total = xp.where(total > 0, total, 1.0)  # all-masked row: 0 / 1 = 0
+    total = xp.where(total == 0, 1.0, total)  # all-masked row: 0 / 1 = 0 (a NaN stays NaN)
     return e / total
 
 
@@ -364,6 +377,10 @@ def layer_norm(
     """LayerNorm(x) = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, over the last axis.
 
     Ba, Kiros & Hinton 2016. The variance is the biased one (divide by n), as in PyTorch.
+    Rows are first divided by a power of two s >= 1 near their largest |x| (exact, so other
+    rows are computed bit for bit as without it): LayerNorm(x) = (u - mean u) /
+    sqrt(var u + eps / s^2), u = x / s, so |x| up to float max gives finite results where
+    x^2 overflows. A row holding NaN or +-inf gives NaN.
     x: (..., d); weight, bias: (d,) -> (..., d).
     """
     xp = array_namespace(x)
@@ -371,10 +388,13 @@ def layer_norm(
     native = _native(xp, "layer_norm")
     if native is not None and (y := native(x, weight, bias, eps)) is not NotImplemented:
         return y
-    mean = xp.mean(x, axis=-1, keepdims=True)  # (..., 1)
-    centered = x - mean  # (..., d)
+    s = _row_scale(x)  # (..., 1)
+    u = x / s  # (..., d)  exact: s is a power of two
+    mean = xp.mean(u, axis=-1, keepdims=True)  # (..., 1)
+    centered = u - mean  # (..., d)
     var = xp.mean(centered * centered, axis=-1, keepdims=True)  # (..., 1)
-    y = centered / xp.sqrt(var + eps)  # (..., d)
+    scale = xp.sqrt(var + eps / s / s)  # (..., 1)  eps / s^2 may underflow to 0
+    y = centered / xp.where(scale == 0, 1.0, scale)  # (..., d)  a constant row: 0 / 1 = 0
     if weight is not None:
         y = y * weight  # (..., d)
     if bias is not None:
@@ -418,16 +438,31 @@ def layer_norm_backward(
     return grad_x, grad_weight, grad_bias
 
 
+def _row_scale(x: Array) -> Array:
+    """A power of two s >= 1 per row (last axis) with max |x| / s < 4: dividing by it is
+    exact and keeps the row's squares and sums from overflowing.  (..., d) -> (..., 1).
+    (One below floor(log2 max|x|): log2 of the largest float32 rounds up to 128.)"""
+    xp = array_namespace(x)
+    largest = xp.max(xp.abs(x), axis=-1, keepdims=True)  # (..., 1)
+    largest = xp.where(largest > 2.0, largest, 2.0)  # rows within [-2, 2] keep s = 1 (NaN stays)
+    return 2.0 ** (xp.floor(xp.log2(largest)) - 1.0)  # (..., 1)
+
+
 def rms_norm(x: Array, weight: Array | None = None, eps: float = 1e-6) -> Array:
     """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight, over the last axis.
 
-    Zhang & Sennrich 2019: LayerNorm without the centring and the bias.
+    Zhang & Sennrich 2019: LayerNorm without the centring and the bias. Overflowing
+    squares are avoided as in :func:`layer_norm`: u = x / s, y = u / sqrt(mean(u^2) +
+    eps / s^2). A row holding NaN or +-inf gives NaN.
     x: (..., d); weight: (d,) -> (..., d).
     """
     xp = array_namespace(x)
     _require_float(x, "rms_norm input")
-    mean_square = xp.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
-    y = x / xp.sqrt(mean_square + eps)  # (..., d)
+    s = _row_scale(x)  # (..., 1)
+    u = x / s  # (..., d)  exact: s is a power of two
+    mean_square = xp.mean(u * u, axis=-1, keepdims=True)  # (..., 1)
+    scale = xp.sqrt(mean_square + eps / s / s)  # (..., 1)
+    y = u / xp.where(scale == 0, 1.0, scale)  # (..., d)  a zero row (eps = 0): 0 / 1 = 0
     return y if weight is None else y * weight
 
 
@@ -662,6 +697,16 @@ def check_attention_inputs(q: Array, k: Array, v: Array, mask: Array | None) -> 
             )
 
 
+def check_attention_scale(scale: Any) -> None:
+    """Raise a clear error unless ``scale`` is None (1/sqrt(d)) or a finite number > 0."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"attention: scale must be a number > 0 (or None), got {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"attention: scale must be a finite number > 0 (or None), got {scale!r}")
+
+
 def scaled_dot_product_attention(
     q: Array,
     k: Array,
@@ -681,6 +726,7 @@ def scaled_dot_product_attention(
     -> output (batch, heads, seq_q, d_v), weights (batch, heads, seq_q, seq_k).
     """
     check_attention_inputs(q, k, v, mask)
+    check_attention_scale(scale)
     xp = array_namespace(q, k, v)
     native = _native(xp, "scaled_dot_product_attention")
     if native is not None and (out := native(q, k, v, mask, causal, scale)) is not NotImplemented:
