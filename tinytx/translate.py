@@ -13,8 +13,9 @@ ended, of [EOS]:
 
 - **Greedy** takes the most likely token at every step.
 - **Beam search** keeps the ``beam_width`` best-scoring prefixes at every step, and puts
-  a hypothesis aside when it ends with [EOS]; it stops when no kept prefix can still beat
-  the best ended one (scores only fall as tokens are added). With width 1 it is greedy.
+  a hypothesis aside when it ends with [EOS] among those best; it stops when no kept
+  prefix can still beat the best ended one (scores only fall as tokens are added). With
+  width 1 it is greedy.
   A wider beam usually scores higher, but can end *below* greedy: a prefix that scores
   well early may continue badly, after it pushed greedy's path out of the beam. So the
   greedy sequence is also a candidate (``keep_greedy=True``): the result never scores
@@ -136,11 +137,12 @@ def _beam_one(model: Any, src_ids: Any, src_lengths: list[int] | None, width: in
         totals = np.array([score for _, score in alive])[:, None] + log_p  # (n_alive, vocab)
         order = np.argsort(-totals, axis=None, kind="stable")[: 2 * width]  # best first
         rows, kept = [], []
-        for flat in order:
+        for rank, flat in enumerate(order):
             row, token = divmod(int(flat), totals.shape[1])
             prefix, total = alive[row][0], float(totals[row, token])
             if token == cfg.eos_id:
-                ended.append(Hypothesis(prefix, total, True))
+                if rank < width:  # an ending counts only among the width best (as fairseq)
+                    ended.append(Hypothesis(prefix, total, True))
             elif len(kept) < width:
                 rows.append(row)
                 kept.append((prefix + [token], total))
