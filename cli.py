@@ -1008,6 +1008,39 @@ def bench_embed(
         raise CommandError("tinytx and sentence-transformers disagree (see max |difference|)")
 
 
+@bench.command("train")
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--steps-per-run", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Same for both."
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
+@click.pass_context
+def bench_train(
+    ctx: click.Context,
+    repeats: int,
+    warmup: int,
+    steps_per_run: int,
+    threads: int,
+    json_path: str | None,
+) -> None:
+    """A nanogpt-cpu training step (forward, backward, AdamW) against PyTorch eager."""
+    from tinytx.bench.common import torch_or_none, write_json
+    from tinytx.bench.train import format_results, run
+
+    if torch_or_none() is None:
+        raise CommandError("tinytx bench train compares with PyTorch: pip install torch")
+    result = run(
+        _backend(ctx).name, threads=threads, repeats=repeats, warmup=warmup,
+        steps_per_run=steps_per_run,
+    )  # fmt: skip
+    click.echo(format_results(result))
+    if json_path:
+        write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
