@@ -26,6 +26,13 @@ backend's native (``backends/numpy_natives.py``) computes the same numbers faste
 of query rows against all keys, spread over its thread pool, each tile's scores in a
 buffer reused from tile to tile, so memory stays O(seq x tile) there too. ``block_size``
 shapes this loop only; the native chooses cache-sized tiles.
+
+The backward (:func:`blockwise_attention_backward`) is FlashAttention's: it recomputes
+each tile's scores from Q and K instead of keeping them. Peak memory of one forward +
+backward at (batch 1, 8 heads, seq 4096, d 64) float32, measured with tracemalloc on
+NumPy (``tinytx.bench.backward.attention_memory``, 2-core AMD EPYC): softmax 1577 MiB
+(its weights alone are 512 MiB, and the backward makes their gradient), blockwise
+53 MiB, 3.4% of it: the output, dq, dk, dv (8 MiB each) and a few tiles.
 """
 
 from __future__ import annotations
