@@ -17,3 +17,4 @@ def test_relu_passes_the_conformance_kit(backend):
     report.assert_passed()
     assert report["causal_no_leak"].status == "passed"
     assert report["padding_invariance"].status == "passed"
+    assert report["backward"].status == "passed"  # its backward against finite differences
