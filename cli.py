@@ -510,9 +510,18 @@ def _row_index(tokens: list[str], row: str) -> int:
 
 @cli.command("attention-map")
 @click.argument("text")
-@click.option("--layer", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--head", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--layer", type=click.IntRange(min=0), default=None, help="[default: 0; --cross: the last]"
+)
+@click.option(
+    "--head", type=click.IntRange(min=0), default=None, help="[default: 0; --cross: the mean]"
+)
 @click.option("--all-heads", is_flag=True, help="Draw every head of the layer.")
+@click.option(
+    "--cross",
+    is_flag=True,
+    help="Cross-attention of a trained seq2seq --model DIR: output rows, source columns.",
+)
 @click.option(
     "--row",
     default=None,
@@ -537,9 +546,10 @@ def _row_index(tokens: list[str], row: str) -> int:
 def attention_map(
     ctx: click.Context,
     text: str,
-    layer: int,
-    head: int,
+    layer: int | None,
+    head: int | None,
     all_heads: bool,
+    cross: bool,
     row: str | None,
     output: str | None,
     model_path: str | None,
@@ -551,6 +561,11 @@ def attention_map(
     from tinytx.tokenizer import TruncationWarning
     from tinytx.viz import heatmap
 
+    if cross:
+        _cross_attention_map(ctx, text, layer, head, all_heads, output, model_path, color)
+        return
+    layer = 0 if layer is None else layer
+    head = 0 if head is None else head
     attention = _attention_name(attention)
     model = _load_bert(ctx, model_path, attention)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -594,6 +609,88 @@ def attention_map(
             path = save_attention_png(
                 grid, tokens, output, title=f"{name}: {_short(text, 60)}", head_titles=titles
             )
+        except PlotUnavailable as err:
+            raise CommandError(str(err)) from None
+        except OSError as err:
+            raise CommandError(f"cannot write {output}: {err.strerror or err}") from None
+        click.echo(f"wrote {path}")
+
+
+# --- the paper's encoder-decoder: translate, cross-attention ---------------------------------
+
+
+def _load_seq2seq(ctx: click.Context, model_path: str) -> Any:
+    """A trained Seq2Seq folder (tinytx train --task ...), or a one-line error."""
+    from tinytx.models.seq2seq import Seq2Seq
+    from tinytx.pretrained import CheckpointError
+
+    try:
+        return Seq2Seq.load(model_path, backend=_backend(ctx))
+    except CheckpointError as err:
+        raise CommandError(_one_line(err)) from None
+
+
+@cli.command("translate")
+@click.argument("model_path", metavar="DIR")
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--beam", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Beam width (1 = greedy).")  # fmt: skip
+@click.pass_context
+def translate_command(
+    ctx: click.Context, model_path: str, texts: tuple[str, ...], beam: int
+) -> None:
+    """Run a trained seq2seq folder DIR on each of TEXTS; print one output per line."""
+    from tinytx.tasks import TaskError
+    from tinytx.translate import translate
+
+    model = _load_seq2seq(ctx, model_path)
+    try:
+        outputs = translate(model, list(texts), beam_width=beam)
+    except (TaskError, ValueError) as err:
+        raise CommandError(_one_line(err)) from None
+    for out in outputs:
+        click.echo(out)
+
+
+def _cross_attention_map(
+    ctx: click.Context,
+    text: str,
+    layer: int | None,
+    head: int | None,
+    all_heads: bool,
+    output: str | None,
+    model_path: str | None,
+    color: bool | None,
+) -> None:
+    """attention-map --cross: where each output character of a seq2seq model looked."""
+    from tinytx.tasks import TaskError
+    from tinytx.translate import cross_attention
+    from tinytx.viz import heatmap
+
+    if model_path is None:
+        raise click.UsageError("--cross needs --model DIR, a trained seq2seq folder")
+    model = _load_seq2seq(ctx, model_path)
+    try:
+        seen = cross_attention(model, text)
+        weights, name = seen.select(layer, head, all_heads=all_heads)
+    except (TaskError, ValueError) as err:
+        raise CommandError(_one_line(err)) from None
+    use_colour = sys.stdout.isatty() if color is None else color
+    grids = weights if all_heads else weights[None]  # (heads shown, output, source)
+    for h, grid in enumerate(grids):
+        title = f"{name}{f' ({h})' if all_heads else ''}: row = output, column = source"
+        click.echo(heatmap(grid, seen.output, seen.source, colour=use_colour, title=title),
+                   color=use_colour)  # fmt: skip
+        click.echo()
+    if output:
+        from tinytx.plot import PlotUnavailable, save_attention_png
+
+        titles = [f"head {h}" for h in range(len(grids))] if all_heads else None
+        try:
+            path = save_attention_png(
+                weights, seen.source, output, row_tokens=seen.output, head_titles=titles,
+                title=f"cross-attention, {name}: {_short(text, 50)}",
+            )  # fmt: skip
         except PlotUnavailable as err:
             raise CommandError(str(err)) from None
         except OSError as err:
@@ -717,13 +814,23 @@ def generate(
 @click.option("--seed", "train_seed", type=int, default=None, help="Weights and batches.")
 @click.option("--attention", default=None, help="Attention variant (needs a backward).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="BLAS/tinytx threads.")
+@click.option(
+    "--task", default=None, help="Train the paper's encoder-decoder on a task: dates or reverse."
+)
 @click.pass_context
 def train(ctx: click.Context, **options: Any) -> None:
-    """Train a character-level GPT; write DIR as a Hugging Face GPT-2 folder."""
+    """Train a character-level GPT; write DIR as a Hugging Face GPT-2 folder.
+
+    With --task, train a seq2seq model (tinytx translate DIR runs it) on generated examples.
+    """
     from tinytx.data import CorpusError
     from tinytx.train import TrainError, TrainingDiverged, train_gpt
 
     options["seed"] = options.pop("train_seed")
+    task = options.pop("task")
+    if task is not None:
+        _train_task(ctx, task, options)
+        return
     if options["attention"] is not None:
         options["attention"] = _attention_name(options["attention"])
     try:
@@ -736,6 +843,26 @@ def train(ctx: click.Context, **options: Any) -> None:
         f"{metrics['steps']} steps in {metrics['seconds']:.1f} s "
         f"({metrics['tokens_per_second']:,.0f} tokens/s): train loss {metrics['train_loss']:.4f}, "
         f"val loss {metrics['val_loss']:.4f} nats/token; model in {out}"
+    )
+    if metrics.get("interrupted"):
+        ctx.exit(130)
+
+
+def _train_task(ctx: click.Context, task: str, options: dict[str, Any]) -> None:
+    """tinytx train --task NAME: a Seq2Seq on generated examples (--preset is the GPT's)."""
+    from tinytx.tasks import TaskError, train_seq2seq
+    from tinytx.train import TrainError, TrainingDiverged
+
+    options.pop("preset")
+    try:
+        echo = lambda message: click.echo(message, err=True)  # noqa: E731
+        metrics = train_seq2seq(task=task, backend=_backend(ctx), echo=echo, **options)
+    except (TaskError, TrainError, TrainingDiverged) as err:
+        raise CommandError(str(err)) from None
+    click.echo(
+        f"{metrics['steps']} steps in {metrics['seconds']:.1f} s: exact match "
+        f"{metrics['exact_match']:.3f} on 1000 held-out examples, val loss "
+        f"{metrics['val_loss']:.4f} nats/token; model in {options['resume'] or options['out']}"
     )
     if metrics.get("interrupted"):
         ctx.exit(130)

@@ -38,26 +38,32 @@ def save_attention_png(
     *,
     title: str = "",
     head_titles: Sequence[str] | None = None,
+    row_tokens: Sequence[str] | None = None,
 ) -> Path:
     """Draw attention weights as a labelled heatmap and write it to ``path`` (PNG).
 
     weights: (seq, seq) for one head, or (heads, seq, seq) for a grid of heads; rows are
     the attending tokens (queries), columns the attended ones (keys); every cell is in
-    [0, 1] and shown on one colour scale from 0 to 1. Returns the path written.
+    [0, 1] and shown on one colour scale from 0 to 1. For cross-attention the queries
+    are other tokens than the keys: pass them as ``row_tokens`` (weights then
+    (len(row_tokens), len(tokens)) per head). Returns the path written.
     """
     plt = _pyplot()
     weights = np.asarray(weights, dtype=np.float64)
-    grid = weights[None] if weights.ndim == 2 else weights  # (heads, seq, seq)
+    grid = weights[None] if weights.ndim == 2 else weights  # (heads, rows, seq)
     seq = len(tokens)
-    if grid.ndim != 3 or grid.shape[1:] != (seq, seq):
+    row_tokens = tokens if row_tokens is None else row_tokens
+    n_rows = len(row_tokens)
+    if grid.ndim != 3 or grid.shape[1:] != (n_rows, seq):
         raise ValueError(
-            f"expected ({seq}, {seq}) or (heads, {seq}, {seq}) weights, got {weights.shape}"
+            f"expected ({n_rows}, {seq}) or (heads, {n_rows}, {seq}) weights, got {weights.shape}"
         )
     n = grid.shape[0]
     cols = 1 if n == 1 else min(4, n)
     rows = -(-n // cols)
-    cell = max(3.0, 0.32 * seq + 1.5)  # inches per map: room for the token labels
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 0.6),
+    width = max(3.0, 0.32 * seq + 1.5)  # inches per map: room for the token labels
+    height = max(3.0, 0.32 * n_rows + 1.5)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.2, height * rows + 0.6),
                              squeeze=False, layout="constrained")  # fmt: skip
     image = None
     for h, ax in enumerate(axes.ravel()):
@@ -66,7 +72,7 @@ def save_attention_png(
             continue
         image = ax.imshow(grid[h], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_xticks(range(seq), labels=tokens, rotation=90, fontsize=8)
-        ax.set_yticks(range(seq), labels=tokens, fontsize=8)
+        ax.set_yticks(range(n_rows), labels=row_tokens, fontsize=8)
         if head_titles is not None:
             ax.set_title(head_titles[h], fontsize=10)
     if title:

@@ -345,8 +345,8 @@ class Seq2SeqTask:
 # two CPU cores. layers = encoder layers = decoder layers; width = d_model; d_ff = 4 width.
 SEQ2SEQ_PRESETS: dict[str, dict[str, Any]] = {
     "dates": dict(
-        layers=2, heads=4, width=64, batch_size=64, steps=2000, lr=2e-3, min_lr=1e-4,
-        warmup=100, weight_decay=0.01, beta2=0.98, eval_every=250,
+        layers=2, heads=4, width=64, batch_size=64, steps=1200, lr=2e-3, min_lr=1e-4,
+        warmup=100, weight_decay=0.01, beta2=0.98, eval_every=200,
     ),
     "reverse": dict(
         layers=2, heads=4, width=64, batch_size=64, steps=2000, lr=2e-3, min_lr=1e-4,
@@ -383,6 +383,14 @@ def train_seq2seq(
     from tinytx.models.seq2seq import Seq2Seq
 
     spec = get_task(task)
+    not_here = [name for name in ("data", "context", "attention") if overrides.get(name)]
+    if not_here:
+        raise loop.TrainError(
+            "a task trains a seq2seq model on generated examples; "
+            f"{', '.join('--' + name for name in not_here)}: for GPT training only "
+            "(tinytx train without --task)"
+        )
+    overrides = {k: v for k, v in overrides.items() if k not in ("data", "context", "attention")}
     backend = resolve_backend(backend)
     loop._set_threads(threads)
     if resume is not None:

@@ -254,14 +254,40 @@ def _tokenizer(model: Any) -> Any:
 class CrossAttention:
     """Where each output character looked in the source.
 
-    source: the source's characters; output: the produced characters, then "[EOS]" when
-    the output ended; weights: (layers, heads, len(output), len(source)) float64, row t
-    the cross-attention of the decoder step that produced output[t].
+    source: the source's characters (a space shown as "␣"); output: the produced
+    characters, then "[EOS]" when the output ended; weights: (layers, heads,
+    len(output), len(source)) float64, row t the cross-attention of the decoder step
+    that produced output[t].
     """
 
     source: list[str]
     output: list[str]
     weights: np.ndarray
+
+    def select(
+        self, layer: int | None = None, head: int | None = None, *, all_heads: bool = False
+    ) -> tuple[np.ndarray, str]:
+        """The weights to draw and their name.
+
+        layer: default the last (the one closest to the output, usually the clearest
+        alignment); head: one head, default the mean over heads; all_heads: every head
+        -> (len(output), len(source)), or (heads, len(output), len(source)) with
+        ``all_heads``. A layer or head out of range is a ValueError naming the range.
+        """
+        n_layers, n_heads = self.weights.shape[0], self.weights.shape[1]
+        layer = n_layers - 1 if layer is None else layer
+        if not 0 <= layer < n_layers:
+            raise ValueError(
+                f"layer {layer} is out of range: the decoder has layers 0..{n_layers - 1}"
+            )
+        if head is not None and not 0 <= head < n_heads:
+            raise ValueError(f"head {head} is out of range: the model has heads 0..{n_heads - 1}")
+        name = f"decoder layer {layer}"
+        if all_heads:
+            return self.weights[layer], f"{name}, every head"  # (heads, T, S)
+        if head is None:
+            return self.weights[layer].mean(axis=0), f"{name}, mean of {n_heads} heads"
+        return self.weights[layer, head], f"{name}, head {head}"  # (T, S)
 
 
 def cross_attention(model: Any, text: str) -> CrossAttention:
@@ -284,5 +310,5 @@ def cross_attention(model: Any, text: str) -> CrossAttention:
             output.append("[EOS]")
             break
         output.append(tokenizer.id_to_token(token))
-    source = [tokenizer.id_to_token(int(i)) for i in ids[0]]
+    source = [tokenizer.id_to_token(int(i)).replace(" ", "␣") for i in ids[0]]
     return CrossAttention(source, output, np.stack(rows, axis=2))  # (layers, heads, T, S)
