@@ -259,6 +259,23 @@ def test_lr_at_values():
     assert lr_at(3, lr=1e-3, warmup=0, total=0) == 0.0  # nothing to decay over
 
 
+def nanogpt_get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
+    """nanoGPT's train.py get_lr, transcribed."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def test_lr_at_is_nanogpts_get_lr():
+    for it in range(0, 2100, 7):
+        want = nanogpt_get_lr(it, 1e-3, 100, 2000, 1e-4)
+        assert lr_at(it, lr=1e-3, warmup=100, total=2000, min_lr=1e-4) == want
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
