@@ -6,6 +6,13 @@ array-api-strict. What the standard lacks (softmax, erf) is written here, once. 
 may offer a faster native version of such a function; :func:`_native` is the one place
 where that choice is made.
 
+Each forward has its backward right below it (``softmax`` / ``softmax_backward``, ...),
+llm.c style: the backward takes the cotangent first (dL/dy, the gradient of a loss with
+respect to the forward's output), then what the forward's caller kept (its inputs, or its
+output where that is enough), and returns the vector-Jacobian product dL/dx = J^T dL/dy.
+Its docstring derives the equation. A cotangent whose shape or dtype differs from the
+forward output's is an error.
+
 Shapes use these names: ``batch``, ``heads`` (query heads), ``heads_kv`` (key/value heads,
 fewer than ``heads`` for grouped-query attention), ``seq_q`` and ``seq_k`` (query and key
 lengths), ``d`` (per-head width), ``d_v`` (per-head value width).
