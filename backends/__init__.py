@@ -33,6 +33,7 @@ import numpy as np
 
 __all__ = [
     "Backend",
+    "BackendMismatchError",
     "BackendStatus",
     "BackendUnavailable",
     "available_backends",
@@ -47,6 +48,11 @@ __all__ = [
 
 class BackendUnavailable(RuntimeError):
     """A backend that exists but cannot run here (CuPy without a GPU, a missing package)."""
+
+
+class BackendMismatchError(TypeError):
+    """Arrays of different backends in one call, or an input on another backend (or of
+    another dtype) than a module's weights."""
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,11 @@ class AttentionVariant:
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults filled in, unknown names and invalid values rejected."""
+        if not isinstance(given, Mapping):
+            raise AttentionError(
+                f"{self._who()}: options must be a mapping of option name to value "
+                f"(e.g. {{'window': 4}}), got {type(given).__name__}"
+            )
         unknown = sorted(set(given) - set(self.options))
         if unknown:
             known = ", ".join(self.options) or "none"
@@ -523,6 +528,11 @@ def load_plugin(path_or_module: str | os.PathLike[str]) -> list[str]:
     Anything that goes wrong (missing file, an exception at import, a duplicate name)
     raises :class:`PluginError` naming the plugin, and the registry is left as it was.
     """
+    if not isinstance(path_or_module, (str, os.PathLike)):
+        raise PluginError(
+            f"plugin: expected a file path or module name (str or path), got "
+            f"{type(path_or_module).__name__} {path_or_module!r}"
+        )
     spec = os.fspath(path_or_module)
     if not isinstance(spec, str) or not spec.strip():
         raise PluginError(f"plugin: expected a file path or module name, got {spec!r}")

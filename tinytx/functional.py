@@ -24,10 +24,27 @@ import math
 import numbers
 from typing import Any
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace as compat_namespace
 from array_api_compat import device as device_of
 
+from tinytx.backends import BackendMismatchError
+
 Array = Any
+
+
+def array_namespace(*arrays: Any) -> Any:
+    """The array namespace of ``arrays`` (array_api_compat's), or tinytx's error naming the
+    kinds of arrays when they come from different backends or are not arrays at all."""
+    try:
+        return compat_namespace(*arrays)
+    except TypeError:
+        given = [a for a in arrays if a is not None]
+        kinds = sorted({f"{type(a).__module__}.{type(a).__name__}" for a in given})
+        raise BackendMismatchError(
+            f"expected arrays of one backend, got {', '.join(kinds)}; convert them with "
+            "backend.asarray(...) (tinytx.get_backend(name)) first"
+        ) from None
+
 
 __all__ = [
     "causal_mask",

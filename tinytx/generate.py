@@ -186,6 +186,8 @@ def stream(
     chosen. Arguments as in :func:`generate`; they are all checked here, before any step.
     """
     check_sampling(temperature, top_k, top_p)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise GenerationError(f"seed must be an int >= 0, got {seed!r}")
     host, _ = _prompt_to_host(model, ids)
     _check_prompt(model, host, max_new_tokens, stop_token)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)

@@ -28,12 +28,14 @@ A composite module calls its children's ``forward_and_save`` in order and their
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from array_api_compat import is_array_api_obj
 
-from tinytx.backends import Backend, resolve_backend
+from tinytx.backends import Backend, BackendMismatchError, resolve_backend
 from tinytx.trace import current_tracer
 
 Array = Any
@@ -45,12 +47,17 @@ class StateDictError(ValueError):
     """``load_state_dict`` got missing, unexpected or mis-shaped keys (all listed)."""
 
 
-class BackendMismatchError(TypeError):
-    """An input lives on another backend (or has another dtype) than the module's weights."""
-
-
 class NoBackwardError(NotImplementedError):
     """Gradients were asked of a module that has no backward pass."""
+
+
+@functools.cache
+def _id_positions(cls: type) -> frozenset[int]:
+    """Which positional inputs of ``cls.forward`` are integer token ids: those whose
+    parameter name ends in "ids" (``ids``, ``src_ids``...). Every other positional array
+    input must be floating point."""
+    parameters = list(inspect.signature(cls.forward).parameters)[1:]  # after self
+    return frozenset(i for i, name in enumerate(parameters) if name.endswith("ids"))
 
 
 class Module:
@@ -197,9 +204,18 @@ class Module:
                 f"{type(self).__name__} expects an array, got a {type(args[0]).__name__}; "
                 f"convert it with get_backend({self.backend.name!r}).asarray(...)"
             )
-        for arg in args:
+        id_positions = _id_positions(type(self))
+        for i, arg in enumerate(args):
             if is_array_api_obj(arg):
                 self.check_input(arg)
+                if i not in id_positions and self.backend.xp.isdtype(arg.dtype, "integral"):
+                    got = str(arg.dtype).rsplit(".", 1)[-1]
+                    raise TypeError(
+                        f"{type(self).__name__}: input {i} is an integer array ({got}), but "
+                        f"{type(self).__name__} computes on {self.dtype} numbers; integer "
+                        "token ids go into an Embedding (or a model), other numbers need "
+                        f"xp.astype(x, xp.{self.dtype})"
+                    )
         for name, arg in kwargs.items():
             if is_array_api_obj(arg):
                 self.check_input(arg, what=f"argument {name!r}")
