@@ -610,6 +610,31 @@ def test_module_without_backward(backend):
         tinytx.vjp(Doubler(backend), backend.asarray(np.ones(3), dtype="float32"))
 
 
+def test_a_faulty_backward_is_named(backend):
+    """A learner's module whose backward forgets a gradient is told which and where."""
+
+    class Scale(Module):
+        def __init__(self, backend):
+            super().__init__(backend)
+            self.add_param("weight", np.ones(()))
+
+        def forward_and_save(self, x, y):
+            return self.weight * x + y, {"x": x}
+
+        def backward(self, grad_out, saved):
+            return (grad_out * self.weight,), {"wieght": grad_out}
+
+    x = backend.asarray(np.ones(2), dtype="float32")
+    _, pullback = tinytx.vjp(Scale(backend), x, x)
+    with pytest.raises(RuntimeError, match="returned 1 input gradients for 2 inputs"):
+        pullback(x)
+
+    Scale.backward = lambda self, grad_out, saved: ((grad_out, grad_out), {"wieght": grad_out})
+    _, pullback = tinytx.vjp(Scale(backend), x, x)
+    with pytest.raises(RuntimeError, match=r"missing \['weight'\], unknown \['wieght'\]"):
+        pullback(x)
+
+
 def test_attention_variant_without_backward(backend):
     from tinytx.plugins import AttentionError, register_attention, unregister_attention
     from tinytx.plugins.softmax import softmax_attention

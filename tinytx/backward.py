@@ -75,6 +75,11 @@ def vjp(module: Module, *inputs: Any, **kwargs: Any) -> tuple[Array, Pullback]:
                 f"{_dtype_name(output.dtype)}, got {_dtype_name(grad_output.dtype)}"
             )
         input_grads, param_grads = module.backward(grad_output, saved)
+        if len(input_grads) < len(inputs):
+            raise RuntimeError(
+                f"{name}.backward returned {len(input_grads)} input gradients for "
+                f"{len(inputs)} inputs; it must return one per positional input"
+            )
         input_grads = tuple(
             grad if wanted else None
             for grad, wanted in zip(input_grads[: len(inputs)], differentiable, strict=True)
