@@ -24,10 +24,11 @@ computed (they attend to real positions) but mean nothing; a loss should ignore 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from array_api_compat import is_array_api_obj
+from array_api_compat import array_namespace, is_array_api_obj
 
 from tinytx import init
 from tinytx.backends import Backend
@@ -51,13 +52,18 @@ def check_lengths(lengths: Lengths, batch: int, seq: int, name: str) -> list[int
     if lengths is None:
         return None
     if is_array_api_obj(lengths):
-        if lengths.ndim != 1:
-            raise ValueError(f"{name} must be 1-D (batch,), got shape {tuple(lengths.shape)}")
+        xp = array_namespace(lengths)
+        if lengths.ndim != 1 or not xp.isdtype(lengths.dtype, "integral"):
+            raise ValueError(
+                f"{name} must be 1-D (batch,) integers, got dtype {lengths.dtype} and shape "
+                f"{tuple(lengths.shape)}"
+            )
         values = [int(n) for n in lengths]
     else:
         values = list(lengths)
-        if not all(isinstance(n, int) and not isinstance(n, bool) for n in values):
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in values):
             raise ValueError(f"{name} must be ints, got {values!r}")
+        values = [int(n) for n in values]
     if len(values) != batch:
         raise ValueError(f"{name} needs one length per sequence ({batch}), got {len(values)}")
     bad = [n for n in values if n < 0 or n > seq]
