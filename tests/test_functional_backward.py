@@ -355,6 +355,30 @@ def test_rms_norm_backward(backend: tinytx.Backend, case) -> None:
     assert_vjp(backend, forward, primals, grads, dy, rng)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_norm_backwards_at_the_limits(backend: tinytx.Backend, dtype) -> None:
+    """Rows near the float maximum give the gradient of the rescaled row (LayerNorm and
+    RMSNorm with eps = 0 are scale invariant: grad at c x = grad at x / c), and a constant
+    (LayerNorm) or zero (RMSNorm) row with eps = 0 gets 0, never NaN."""
+    big = float(np.finfo(dtype).max) / 4
+    x = np.array([[1.0, -2.0, 0.5, 3.0], [7.0, 7.0, 7.0, 7.0], [0.0, 0.0, 0.0, 0.0]])
+    huge = x[:1] * (big / 3)
+    dy = np.array([[0.3, -1.0, 2.0, 0.7]] * 3)
+    for norm in ("layer_norm", "rms_norm"):
+        backward = getattr(F, f"{norm}_backward")
+        on = [backend.asarray(a, dtype=dtype) for a in (dy, x)]
+        small_grad = backend.to_numpy(backward(*on, eps=0.0)[0])
+        huge_grad = backward(
+            backend.asarray(dy[:1], dtype=dtype), backend.asarray(huge, dtype=dtype), eps=0.0
+        )[0]
+        huge_grad = backend.to_numpy(huge_grad) * (big / 3)
+        assert np.all(np.isfinite(small_grad)) and np.all(np.isfinite(huge_grad))
+        tol = 64 * float(np.finfo(dtype).eps) * np.abs(small_grad[0]).max()
+        np.testing.assert_allclose(huge_grad[0], small_grad[0], rtol=0, atol=tol)
+        zero_row = 1 if norm == "layer_norm" else 2
+        assert np.all(small_grad[zero_row] == 0.0)
+
+
 @given(
     lead=st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple),
     d_in=st.integers(1, 5),

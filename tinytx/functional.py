@@ -426,6 +426,13 @@ def layer_norm(
     return y
 
 
+def _reciprocal_or_zero(a: Array) -> Array:
+    """1 / a, and 0 where a == 0 (without dividing by zero)."""
+    xp = array_namespace(a)
+    safe = xp.where(a == 0, 1.0, a)  # (...)
+    return xp.where(a == 0, 0.0, 1.0 / safe)  # (...)
+
+
 def _sum_leading(a: Array) -> Array:
     """Sum over every axis but the last: (..., d) -> (d,)."""
     xp = array_namespace(a)
@@ -442,17 +449,24 @@ def layer_norm_backward(
     dxhat_i/dx_j = rstd * (delta_ij - 1/d - xhat_i xhat_j / d), so
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
         dw = sum over positions of dy * xhat,   db = sum over positions of dy.
+    As in the forward, rows are first divided by a power of two s (u = x / s, exact), so
+    squares never overflow: xhat = (u - mean u) / sqrt(var u + eps / s^2) and rstd is that
+    1 / (s sqrt(...)). A constant row with eps = 0 (y = 0 by the forward's convention)
+    gets dx = 0.
     grad_y, x: (..., d); weight: (d,) or None -> (grad_x (..., d), grad_weight (d,) or None
     when weight is None, grad_bias (d,)).
     """
     xp = array_namespace(grad_y, x)
     _require_float(x, "layer_norm_backward input")
     _check_cotangent(grad_y, x.shape, x.dtype, "layer_norm_backward")
-    mean = xp.mean(x, axis=-1, keepdims=True)  # (..., 1)
-    centered = x - mean  # (..., d)
+    s = _row_scale(x)  # (..., 1)
+    u = x / s  # (..., d)  exact: s is a power of two
+    mean = xp.mean(u, axis=-1, keepdims=True)  # (..., 1)
+    centered = u - mean  # (..., d)
     var = xp.mean(centered * centered, axis=-1, keepdims=True)  # (..., 1)
-    rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
-    xhat = centered * rstd  # (..., d)
+    inv_scale = _reciprocal_or_zero(xp.sqrt(var + eps / s / s))  # (..., 1)
+    xhat = centered * inv_scale  # (..., d)
+    rstd = inv_scale / s  # (..., 1)  1 / sqrt(var(x) + eps)
     g = grad_y if weight is None else grad_y * weight  # (..., d)  dL/dxhat
     g_mean = xp.mean(g, axis=-1, keepdims=True)  # (..., 1)
     g_xhat_mean = xp.mean(g * xhat, axis=-1, keepdims=True)  # (..., 1)
@@ -497,14 +511,19 @@ def rms_norm_backward(
 
     y = xhat * w with xhat = x * r. Since dr/dx_j = -r^3 x_j / d, with g = dy * w:
         dx = r * (g - xhat * mean(g * xhat)),   dw = sum over positions of dy * xhat.
+    Computed on u = x / s as in the forward (s a power of two): xhat = u / sqrt(mean(u^2) +
+    eps / s^2), r = that 1 / (s sqrt(...)). A zero row with eps = 0 gets dx = 0.
     grad_y, x: (..., d); weight: (d,) or None -> (grad_x (..., d), grad_weight (d,) or None).
     """
     xp = array_namespace(grad_y, x)
     _require_float(x, "rms_norm_backward input")
     _check_cotangent(grad_y, x.shape, x.dtype, "rms_norm_backward")
-    mean_square = xp.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
-    r = 1.0 / xp.sqrt(mean_square + eps)  # (..., 1)
-    xhat = x * r  # (..., d)
+    s = _row_scale(x)  # (..., 1)
+    u = x / s  # (..., d)  exact: s is a power of two
+    mean_square = xp.mean(u * u, axis=-1, keepdims=True)  # (..., 1)
+    inv_scale = _reciprocal_or_zero(xp.sqrt(mean_square + eps / s / s))  # (..., 1)
+    xhat = u * inv_scale  # (..., d)
+    r = inv_scale / s  # (..., 1)  1 / sqrt(mean(x^2) + eps)
     g = grad_y if weight is None else grad_y * weight  # (..., d)  dL/dxhat
     g_xhat_mean = xp.mean(g * xhat, axis=-1, keepdims=True)  # (..., 1)
     grad_x = r * (g - xhat * g_xhat_mean)  # (..., d)
