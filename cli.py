@@ -9,9 +9,7 @@ errors exit 2 (click's), other errors exit 1. Set TINYTX_DEBUG=1 to see tracebac
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
 import sys
 import warnings
 from typing import Any
@@ -110,49 +108,25 @@ def _restore_warnings() -> None:
 # --- info and plugins --------------------------------------------------------------------
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 @cli.command()
 def info() -> None:
-    """Versions, backends (available or why not) and attention variants."""
-    from tinytx.backends import available_backends
-    from tinytx.plugins import available_attention
+    """Versions, backends (available or why not) and attention variants.
 
-    click.echo(f"tinytx {tinytx.__version__} on Python {platform.python_version()}")
-    dists = ("numpy", "array-api-compat", "array-api-strict", "click", "threadpoolctl")
-    for dist in (*dists, "cupy-cuda13x", "cupy-cuda12x"):
-        click.echo(f"  {dist:<17} {_version(dist)}")
-    click.echo("backends:")
-    for name, status in available_backends().items():
-        state = f"available, device {status.device}" if status.available else status.reason
-        click.echo(f"  {name:<7} {state}")
-    click.echo("attention variants: " + ", ".join(available_attention()))
+    Installed plugin packages are listed from their metadata, without importing them."""
+    from tinytx.about import info_text
+
+    click.echo(info_text())
 
 
 @cli.command()
 def plugins() -> None:
-    """List the attention variants: description, promises, paper, options, origin."""
-    from tinytx.plugins import available_attention, broken_plugins
+    """List the attention variants: description, promises, paper, options, origin.
 
-    for name, variant in available_attention().items():
-        promises = ", ".join(variant.promises.names()) or "no promises"
-        click.echo(f"{name:<16} {variant.description}  [{promises}]")
-        if variant.paper:
-            click.echo(f"{'':<16} paper: {variant.paper}")
-        for opt_name, spec in variant.options.items():
-            helptext = f"  ({spec.help})" if spec.help else ""
-            click.echo(
-                f"{'':<16} option: {opt_name}={spec.default!r} ({spec.type.__name__}){helptext}"
-            )
-        if not variant.builtin:
-            click.echo(f"{'':<16} from: {variant.source}")
-    for name, reason in broken_plugins().items():
-        click.echo(f"{name:<16} SKIPPED: {reason}")
+    This imports every installed plugin package: what a variant promises lives in its
+    code (TINYTX_DISABLE_PLUGIN_AUTOLOAD=1 turns discovery off)."""
+    from tinytx.about import plugins_text
+
+    click.echo(plugins_text())
 
 
 def _parse_options(variant: Any, pairs: tuple[str, ...]) -> dict[str, Any]:

@@ -28,8 +28,10 @@ from tinytx.plugins.registry import (
     available_attention,
     broken_plugins,
     get_attention,
+    installed_plugins,
     load_plugin,
     register_attention,
+    registered_names,
     unregister_attention,
 )
 
@@ -56,7 +58,9 @@ __all__ = [
     "available_attention",
     "broken_plugins",
     "get_attention",
+    "installed_plugins",
     "load_plugin",
     "register_attention",
+    "registered_names",
     "unregister_attention",
 ]

@@ -485,6 +485,25 @@ _LOADED: dict[str, list[str]] = {}  # plugin key -> the variant names it registe
 _BROKEN: dict[str, str] = {}  # entry-point name -> why it was skipped
 
 
+def registered_names() -> list[str]:
+    """Names registered so far (built-ins, loaded plugins), in name order; unlike
+    :func:`available_attention` this imports no installed plugin."""
+    return sorted(_REGISTRY)
+
+
+def installed_plugins() -> dict[str, str]:
+    """The installed plugin packages' variant names -> where they come from ("dist version,
+    module:attr"), read from their entry-point metadata alone: nothing is imported. A
+    variant's code runs only when it is used (:func:`get_attention`) or listed in full
+    (:func:`available_attention`). Empty when TINYTX_DISABLE_PLUGIN_AUTOLOAD is set."""
+    found = {}
+    for entry_point in _entry_points():
+        dist = getattr(entry_point, "dist", None)
+        origin = f"{dist.name} {dist.version}, " if dist is not None else ""
+        found[entry_point.name] = f"{origin}{entry_point.value}"
+    return dict(sorted(found.items()))
+
+
 def broken_plugins() -> dict[str, str]:
     """Discovered entry points that failed to load and were skipped: name -> reason."""
     return dict(_BROKEN)

@@ -154,7 +154,9 @@ def test_check_plugin_fails_the_wrong_shape_plugin_naming_it():
         "--max-examples", "3",
     )  # fmt: skip
     assert result.exit_code == 1
-    shape = next(line for line in result.output.splitlines() if line.startswith("shape_dtype"))
+    # the property's row, with the lines its note wraps onto (fitted to 100 columns)
+    rows = re.split(r"\n(?=\S)", result.output)
+    shape = " ".join(next(row for row in rows if row.startswith("shape_dtype")).split())
     assert "failed" in shape and "wrong_shape.py" in shape and "returned output of shape" in shape
 
 
