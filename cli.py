@@ -21,7 +21,10 @@ from tinytx.backends import BackendUnavailable, backend_names, get_backend
 
 
 class CommandError(click.ClickException):
-    """A user-facing error: printed as ``Error: <message>``, exit code 1."""
+    """A user-facing error: printed as ``Error: <message>`` on one line, exit code 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(line.strip() for line in str(message).strip().splitlines()))
 
 
 def _backend(ctx: click.Context) -> tinytx.Backend:
