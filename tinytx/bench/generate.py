@@ -173,6 +173,7 @@ def run(
     repeats: int = 3,
     uncached_tokens: int = 3,
     use_transformers: bool = True,
+    int8: bool = False,
     pause: float = 0.5,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -190,6 +191,12 @@ def run(
     thread_report = set_threads(threads)
     ours, theirs = build_models(backend, use_transformers)
     bytes_per_token = weight_bytes_per_token(ours)
+    quantized = None
+    if int8:  # weight-only int8 (tinytx.quantize), timed in alternation with float32
+        from tinytx.backends.int8_kernels import kernel_name
+        from tinytx.quantize import int8_weights
+
+        quantized = int8_weights(ours)
     # The best of one thread and all of them: what the memory system delivers, however
     # it is best reached on this machine.
     bandwidth = max(read_bandwidth(threads=1), read_bandwidth())
@@ -206,7 +213,11 @@ def run(
         _tinytx_cached(ours, prompt, 2)  # warm-up
         if theirs is not None:
             _transformers_generate(theirs, prompt, 2)
+        if quantized is not None:
+            with quantized:
+                _tinytx_cached(ours, prompt, 2)  # warm-up (compiles the kernel once)
         totals, decodes, hf_totals = [], [], []
+        q_totals, q_decodes = [], []
         for _ in range(repeats):  # alternate: a burst of load elsewhere hits both
             time.sleep(pause)
             total, decode, tokens = _tinytx_cached(ours, prompt, N_NEW)
@@ -216,6 +227,12 @@ def run(
                 time.sleep(pause)
                 hf_seconds, hf_tokens = _transformers_generate(theirs, prompt, N_NEW)
                 hf_totals.append(hf_seconds)
+            if quantized is not None:
+                time.sleep(pause)
+                with quantized:
+                    total, decode, q_tokens = _tinytx_cached(ours, prompt, N_NEW)
+                q_totals.append(total)
+                q_decodes.append(decode)
         time.sleep(pause)
         short = prompt[:, : context - uncached_tokens]  # ends at the same position
         uncached = _tinytx_uncached(ours, short, uncached_tokens)
@@ -234,6 +251,12 @@ def run(
             row["transformers_tok_s"] = N_NEW / statistics.median(hf_totals)
             row["tinytx_over_transformers"] = row["cached_tok_s"] / row["transformers_tok_s"]
             row["same_tokens"] = sum(a == b for a, b in zip(tokens, hf_tokens, strict=True))
+        if quantized is not None:
+            row["int8_tok_s"] = N_NEW / statistics.median(q_totals)
+            row["int8_decode_tok_s"] = 1e3 / (statistics.median(q_decodes) * 1e3)
+            row["int8_same_tokens"] = sum(a == b for a, b in zip(tokens, q_tokens, strict=True))
+            if theirs is not None:
+                row["int8_over_transformers"] = row["int8_tok_s"] / row["transformers_tok_s"]
         rows.append(row)
         if progress is not None:
             progress(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -247,15 +270,17 @@ def run(
         "new_tokens": N_NEW,
         "transformers": None if theirs is None else _transformers_or_none().__version__,
         "machine": machine_info(),
+        "int8_kernel": None if quantized is None else kernel_name(),
+        "int8_weight_bytes": None if quantized is None else quantized.nbytes,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "weight_bytes_per_token": bytes_per_token,
         "ceiling_tok_s": ceiling,
         "results": rows,
-        "targets": _targets(rows),
+        "targets": _targets(rows, int8=quantized is not None),
     }
 
 
-def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _targets(rows: list[dict[str, Any]], int8: bool = False) -> dict[str, Any]:
     """Each target with the measured value and whether it is met (None: not measured)."""
     by_context = {r["context"]: r for r in rows}
     growth = [
@@ -280,6 +305,10 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             None if fraction is None else fraction >= 0.85
         ),
     }
+    if int8:
+        name = "int8 tok/s at 64 >= 1.6x transformers' float32"
+        ratio = by_context.get(64, {}).get("int8_over_transformers")
+        targets[name], met[name] = ratio, None if ratio is None else ratio >= 1.6
     return {
         name: {
             "value": None if targets[name] is None else float(targets[name]),
@@ -295,6 +324,10 @@ def format_results(result: dict[str, Any]) -> str:
                "decode_vs_ceiling", "uncached_ms_per_token", "cache_speedup"]  # fmt: skip
     if result["transformers"]:
         columns += ["transformers_tok_s", "tinytx_over_transformers", "same_tokens"]
+    if result.get("int8_kernel"):
+        columns += ["int8_tok_s", "int8_decode_tok_s", "int8_same_tokens"]
+        if result["transformers"]:
+            columns.append("int8_over_transformers")
     machine = result["machine"]
     lines = [
         f"GPT-2 small shape, random weights, batch 1, float32, greedy, {result['new_tokens']} "
@@ -326,6 +359,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (3)")
     parser.add_argument("--pause", type=float, default=0.5, help="rest before each run (0.5 s)")
     parser.add_argument("--no-transformers", action="store_true", help="time tinytx alone")
+    parser.add_argument("--int8", action="store_true", help="also time weight-only int8")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
 
@@ -337,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = run(args.backend, args.threads, args.contexts, repeats=args.repeats,
-                     use_transformers=not args.no_transformers, pause=args.pause,
+                     use_transformers=not args.no_transformers, int8=args.int8, pause=args.pause,
                      progress=lambda line: print(line, file=sys.stderr))  # fmt: skip
     except (ValueError, tinytx.BackendUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
