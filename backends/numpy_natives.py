@@ -32,6 +32,7 @@ import numpy as np
 __all__ = [
     "NATIVES",
     "blockwise_attention",
+    "blockwise_attention_backward",
     "embedding_backward",
     "gelu",
     "get_num_threads",
@@ -458,6 +459,94 @@ def blockwise_attention(
     return output, None
 
 
+def blockwise_attention_backward(
+    grad_out: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The numbers of :func:`tinytx.plugins.blockwise.blockwise_attention_backward`
+    (FlashAttention's backward, the definition), computed as :func:`blockwise_attention`
+    computes the forward: a tile of query rows against all the keys they see, so a tile's
+    weights come from one softmax of its scores (no separate logsumexp pass):
+
+        W     = softmax(q k^T * scale + mask biases)    (rows, n), a buffer of the thread
+        dv   += W^T g,   dS = W * (g v^T - rowsum(g * o))   (dS in a second buffer)
+        dq    = dS k * scale,   dk += dS^T q * scale
+
+    One pool task per (batch, head): a head's dk and dv sum over all its query tiles, so
+    one thread owns them. Memory beyond the gradients: two (rows x seq_k) tiles per
+    thread, never (seq_q x seq_k). k, v have q's heads (the registry repeats grouped
+    ones); inputs checked by the caller.
+
+    grad_out, out: (batch, heads, seq_q, d_v); q: (batch, heads, seq_q, d);
+    k, v: (batch, heads, seq_k, d / d_v) -> dq, dk, dv of q's, k's and v's shapes.
+    """
+    arrays = (grad_out, q, k, v, out)
+    if (
+        q.dtype not in (np.float32, np.float64)
+        or any(a.dtype != q.dtype for a in arrays)
+        or 0 in q.shape
+        or 0 in k.shape
+        or k.shape[1] != q.shape[1]
+    ):
+        return NotImplemented
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    batch, heads, seq_q, _ = q.shape
+    seq_k, dtype = k.shape[2], q.dtype
+    offset = seq_k - seq_q  # query i sits at key position i + offset (causal)
+    bias = None  # the mask as 0 / -inf to add (see _softmax_block), a broadcast view
+    if mask is not None:
+        bias = np.broadcast_to(_additive(_bool(mask), dtype), (batch, heads, seq_q, seq_k))
+    dq = np.empty_like(q)  # (batch, heads, seq_q, d), each row written by one tile
+    dk = np.zeros_like(k)  # (batch, heads, seq_k, d), summed over the query tiles
+    dv = np.zeros_like(v)  # (batch, heads, seq_k, d_v)
+    rows = max(1, min(seq_q, _TILE_ELEMENTS // seq_k))  # query rows per tile
+    scratch = threading.local()  # each thread's two tile buffers
+
+    def head(job: tuple[int, int]) -> None:
+        b, h = job
+        if getattr(scratch, "w", None) is None:
+            scratch.w = np.empty((rows, seq_k), dtype=dtype)
+            scratch.ds = np.empty((rows, seq_k), dtype=dtype)
+        q_h = q[b, h] * scale  # (seq_q, d)
+        k_h, v_h, g_h, o_h = k[b, h], v[b, h], grad_out[b, h], out[b, h]
+        for start in range(0, seq_q, rows):
+            end = min(start + rows, seq_q)
+            n = seq_k if not causal else max(0, min(seq_k, end + offset))  # keys seen
+            if n == 0:  # no key for any row here: zero gradient
+                dq[b, h, start:end] = 0
+                continue
+            w, ds = scratch.w[: end - start, :n], scratch.ds[: end - start, :n]  # (r, n)
+            biases = [] if bias is None else [bias[b, h, start:end, :n]]  # (r, n)
+            if causal:
+                position = np.arange(start + offset, end + offset)  # (r,) each query's
+                biases.append(_additive(np.arange(n) <= position[:, None], dtype))  # (r, n)
+            np.matmul(q_h[start:end], k_h[:n].T, out=w)  # scores (r, n)
+            _softmax_block(w, None, biases)  # W, in place
+            g = g_h[start:end]  # (r, d_v)
+            dv[b, h, :n] += w.T @ g  # (n, d_v)
+            np.matmul(g, v_h[:n].T, out=ds)  # dW (r, n)
+            ds -= np.sum(g * o_h[start:end], axis=-1, keepdims=True)  # dW - D
+            ds *= w  # dS (r, n)
+            np.matmul(ds, k_h[:n], out=dq[b, h, start:end])  # (r, d)
+            dq[b, h, start:end] *= scale
+            dk[b, h, :n] += ds.T @ q_h[start:end]  # (n, d); q_h holds the scale
+
+    jobs = [(b, h) for b in range(batch) for h in range(heads)]
+    if get_num_threads() == 1 or len(jobs) == 1 or not _can_pin_blas():
+        for job in jobs:
+            head(job)
+    else:
+        _map_with_blas_on_pool(head, jobs)
+    return dq, dk, dv
+
+
 def _attention_whole(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool,
     scale: float,
@@ -656,22 +745,6 @@ def relu(x: np.ndarray) -> np.ndarray:
     return out
 
 
-# Weight-only int8 (tinytx.quantize.int8_weights): {id(float weight): (float weight, Q, s)}
-# for the products inside a `with` block; linear then reads Q instead of the weight.
-_int8_table: contextvars.ContextVar[dict[int, tuple[Any, Any, Any]] | None]
-_int8_table = contextvars.ContextVar("tinytx_int8_weights", default=None)
-
-
-@contextmanager
-def use_int8_weights(table: dict[int, tuple[Any, Any, Any]]) -> Iterator[None]:
-    """Inside: products with a weight in ``table`` use its int8 copy (scoped, context-local)."""
-    token = _int8_table.set({**(_int8_table.get() or {}), **table})
-    try:
-        yield
-    finally:
-        _int8_table.reset(token)
-
-
 # Products with at least this many rows per thread run on the pool (see linear). The
 # rule: BLAS kernels work on panels of 4 to 32 rows (x86 AVX2/AVX-512 and ARM NEON/SVE
 # micro-kernels alike); with fewer rows per thread a share is matrix-vector-like,
@@ -702,13 +775,6 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     n = math.prod(x.shape[:-1])
     rows = x.reshape(n, x.shape[-1])  # (n, d_in): one product, no loop
     threads = get_num_threads()
-    quantized = (_int8_table.get() or {}).get(id(weight))  # inside quantize.int8_weights
-    if quantized is not None and quantized[0] is weight and x.dtype == np.float32:
-        from tinytx.backends.int8_kernels import int8_matmul
-
-        _, q, scale = quantized
-        y = int8_matmul(rows, q, scale, bias, threads)  # (n, d_out), reads Q: 1 byte a weight
-        return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., d_out)
     if threads == 1 or n < _POOL_ROWS_PER_THREAD * threads or not _can_pin_blas():
         y = np.matmul(rows, weight.T)  # (n, d_out)
         if bias is not None and y.size:
@@ -823,6 +889,7 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "softmax": softmax,
     "scaled_dot_product_attention": scaled_dot_product_attention,
     "blockwise_attention": blockwise_attention,
+    "blockwise_attention_backward": blockwise_attention_backward,
     "layer_norm": layer_norm,
     "relu": relu,
     "linear": linear,

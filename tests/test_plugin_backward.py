@@ -151,22 +151,50 @@ def test_blockwise_backward_equals_softmax_backward_within_rounding(
         assert np.all(backend.to_numpy(got[0])[0, :, 3] == 0)
 
 
-def test_blockwise_backward_never_holds_the_score_matrix(numpy_backend):
-    """Peak memory of blockwise's backward stays far below one (seq_q x seq_k) matrix of
-    the scores, which softmax's backward needs several of (tracemalloc sees NumPy's
-    buffers). Not a timing: the allocations are deterministic."""
-    seq, block = 1024, 64
-    q, k, v, g = _inputs(numpy_backend, (1, 1, seq, 16), seq, 16, seed=3)
+def test_blockwise_backward_never_holds_the_score_matrix(backend):
+    """Peak memory of blockwise's backward (NumPy's native; the definition on strict) stays
+    far below one (seq_q x seq_k) matrix of the scores, which softmax's backward needs
+    several of (tracemalloc sees NumPy's buffers, and strict's, which are NumPy's). Not a
+    timing: the allocations are deterministic."""
+    if backend.name not in ("numpy", "strict"):
+        pytest.skip("tracemalloc sees host memory only")
+    seq = 4096
+    q, k, v, g = _inputs(backend, (1, 1, seq, 16), seq, 16, seed=3)
     blockwise = get_attention("blockwise")
-    out, _ = blockwise(q, k, v, causal=True, block_size=block)
-    scores_bytes = seq * seq * 8  # one float64 (seq x seq) matrix: 8 MiB
+    out, _ = blockwise(q, k, v, causal=True)
+    scores_bytes = seq * seq * 8  # one float64 (seq x seq) matrix: 128 MiB
     tracemalloc.start()
     try:
-        blockwise.backward(g, q, k, v, out, None, causal=True, block_size=block)
+        blockwise.backward(g, q, k, v, out, None, causal=True)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < scores_bytes / 8, f"peak {peak / 2**20:.2f} MiB"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_numpys_blockwise_backward_native_computes_the_definitions_numbers(causal):
+    """Several query tiles of the native (rows x seq_k above its tile size) against the
+    definition (the plugin's loop, which strict runs), within the rounding bound."""
+    import tinytx
+
+    numpy_backend, strict = tinytx.get_backend("numpy"), tinytx.get_backend("strict")
+    rng = np.random.default_rng(7)
+    host = [rng.standard_normal(shape) for shape in ((2, 2, 600, 8), (2, 2, 1000, 8))]
+    host += [rng.standard_normal((2, 2, 1000, 4)), rng.standard_normal((2, 2, 600, 4))]
+    mask = rng.random((2, 1, 600, 1000)) > 0.3
+    grads = []
+    for backend in (numpy_backend, strict):
+        q, k, v, g = (backend.asarray(a) for a in host)
+        m = backend.asarray(mask)
+        blockwise = get_attention("blockwise")
+        out, _ = blockwise(q, k, v, mask=m, causal=causal)
+        grads.append(blockwise.backward(g, q, k, v, out, None, mask=m, causal=causal))
+    _, weights = F.scaled_dot_product_attention(*host[:3], mask=mask, causal=causal)
+    bounds = _rounding_bounds(*host[:3], host[3], weights, 1 / math.sqrt(8), 2.0**-52)
+    for native, definition, bound in zip(*grads, bounds, strict=True):
+        diff = np.abs(numpy_backend.to_numpy(native) - strict.to_numpy(definition))
+        assert np.all(diff <= bound)
 
 
 # --- exact variants against softmax's backward, grouped-query, recomputation ----------------
