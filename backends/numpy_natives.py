@@ -745,6 +745,22 @@ def relu(x: np.ndarray) -> np.ndarray:
     return out
 
 
+# Weight-only int8 (tinytx.quantize.int8_weights): {id(float weight): (float weight, Q, s)}
+# for the products inside a `with` block; linear then reads Q instead of the weight.
+_int8_table: contextvars.ContextVar[dict[int, tuple[Any, Any, Any]] | None]
+_int8_table = contextvars.ContextVar("tinytx_int8_weights", default=None)
+
+
+@contextmanager
+def use_int8_weights(table: dict[int, tuple[Any, Any, Any]]) -> Iterator[None]:
+    """Inside: products with a weight in ``table`` use its int8 copy (scoped, context-local)."""
+    token = _int8_table.set({**(_int8_table.get() or {}), **table})
+    try:
+        yield
+    finally:
+        _int8_table.reset(token)
+
+
 # Products with at least this many rows per thread run on the pool (see linear). The
 # rule: BLAS kernels work on panels of 4 to 32 rows (x86 AVX2/AVX-512 and ARM NEON/SVE
 # micro-kernels alike); with fewer rows per thread a share is matrix-vector-like,
@@ -775,6 +791,13 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     n = math.prod(x.shape[:-1])
     rows = x.reshape(n, x.shape[-1])  # (n, d_in): one product, no loop
     threads = get_num_threads()
+    quantized = (_int8_table.get() or {}).get(id(weight))  # inside quantize.int8_weights
+    if quantized is not None and quantized[0] is weight and x.dtype == np.float32:
+        from tinytx.backends.int8_kernels import int8_matmul
+
+        _, q, scale = quantized
+        y = int8_matmul(rows, q, scale, bias, threads)  # (n, d_out), reads Q: 1 byte a weight
+        return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., d_out)
     if threads == 1 or n < _POOL_ROWS_PER_THREAD * threads or not _can_pin_blas():
         y = np.matmul(rows, weight.T)  # (n, d_out)
         if bias is not None and y.size:
