@@ -301,44 +301,51 @@ def _one_line(err: BaseException) -> str:
 
 def _load_bert(ctx: click.Context, model_path: str | None, attention: str = "softmax") -> Any:
     """Load a BERT-family folder on the chosen backend; every problem is a one-line error."""
+    from tinytx.embedding import load_encoder
     from tinytx.layers import StateDictError
-    from tinytx.models.bert import BertModel
     from tinytx.plugins import AttentionError
     from tinytx.pretrained import CheckpointError
 
-    backend = _backend(ctx)
-    folder = model_path if model_path is not None else _default_model_folder()
     try:
-        model = tinytx.load_pretrained(folder, backend=backend, attention=attention)
+        return load_encoder(model_path, backend=_backend(ctx), attention=attention)
     except (CheckpointError, StateDictError, AttentionError) as err:
         raise CommandError(_one_line(err)) from None
-    if not isinstance(model, BertModel):
-        raise CommandError(f"{folder} is not a BERT-family encoder; this command needs one")
-    if model.tokenizer is None:
-        raise CommandError(f"{folder} has no tokenizer.json; this command needs one")
+
+
+def _load_attention_model(ctx: click.Context, model_path: str | None, attention: str) -> Any:
+    """attention-map's model: a BERT-family or GPT-2 folder; by default MiniLM when
+    installed, else tinytx's shipped GPT (said in one line on stderr)."""
+    from tinytx.layers import StateDictError
+    from tinytx.plugins import AttentionError
+    from tinytx.pretrained import CheckpointError
+    from tinytx.shipped import load_attention_model
+
+    try:
+        model, note = load_attention_model(model_path, backend=_backend(ctx), attention=attention)
+    except (CheckpointError, StateDictError, AttentionError) as err:
+        raise CommandError(_one_line(err)) from None
+    if note:
+        click.echo(note, err=True)
     return model
 
 
-def _echo_warnings(caught: list[warnings.WarningMessage]) -> None:
-    for w in caught:
-        click.echo(f"Warning: {w.message}", err=True)
+def _echo_warnings(messages: list[str]) -> None:
+    for message in messages:
+        click.echo(f"Warning: {message}", err=True)
 
 
 def _embed(model: Any, texts: list[str], batch_size: int) -> Any:
-    """model.embed with a progress bar (on stderr) when there is more than one batch, and
+    """Embed with a progress bar (on stderr) when there is more than one batch, and
     truncation warnings as one line each."""
-    from tinytx.tokenizer import TruncationWarning
+    from tinytx.embedding import embed_texts
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TruncationWarning)
-        if len(texts) <= batch_size:
-            vectors = model.embed(texts, batch_size=batch_size)
-        else:
-            with click.progressbar(
-                length=len(texts), label="embedding", file=click.get_text_stream("stderr")
-            ) as bar:
-                vectors = model.embed(texts, batch_size=batch_size, progress=bar.update)
-    _echo_warnings(caught)
+    if len(texts) <= batch_size:
+        vectors, messages = embed_texts(model, texts, batch_size)
+    else:
+        stderr = click.get_text_stream("stderr")
+        with click.progressbar(length=len(texts), label="embedding", file=stderr) as bar:
+            vectors, messages = embed_texts(model, texts, batch_size, progress=bar.update)
+    _echo_warnings(messages)
     return vectors
 
 
@@ -360,8 +367,9 @@ def _texts(texts: tuple[str, ...], file: Any) -> list[str]:
 
 
 def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    from tinytx.embedding import shorten
+
+    return shorten(text, width)
 
 
 def _model_options(fn: Any) -> Any:
@@ -409,30 +417,16 @@ def embed(
     dims: int,
 ) -> None:
     """Sentence embeddings of TEXT... (mean-pooled, unit length), as sentence-transformers."""
-    import json
+    from tinytx.embedding import embeddings_json, embeddings_table
 
     items = _texts(texts, text_file)
     model = _load_bert(ctx, model_path)
     vectors = _embed(model, items, batch_size)
     if as_json:
-        payload = {
-            "model": model_path or "all-MiniLM-L6-v2",
-            "backend": model.backend.name,
-            "dim": int(vectors.shape[1]),
-            "embeddings": [
-                {"text": t, "vector": [float(x) for x in v]}
-                for t, v in zip(items, vectors, strict=True)
-            ],
-        }
-        click.echo(json.dumps(payload, ensure_ascii=False))
-        return
-    dims = min(dims, vectors.shape[1])
-    width = min(36, max(len(_short(t, 36)) for t in items))
-    head = "  ".join(f"{f'd{j}':>7}" for j in range(dims))
-    click.echo(f"{'#':>3}  {'text':<{width}}  {head}  ...  (of {vectors.shape[1]}; --json for all)")
-    for i, (t, v) in enumerate(zip(items, vectors, strict=True), start=1):
-        cells = "  ".join(f"{x:>7.4f}" for x in v[:dims])
-        click.echo(f"{i:>3}  {_short(t, width):<{width}}  {cells}")
+        name = model_path or "all-MiniLM-L6-v2"
+        click.echo(embeddings_json(items, vectors, name, model.backend.name))
+    else:
+        click.echo(embeddings_table(items, vectors, dims))
 
 
 @cli.command()
@@ -450,39 +444,12 @@ def similarity(
     as_json: bool,
 ) -> None:
     """Cosine similarity of every pair of TEXT... (1 = same direction, 0 = unrelated)."""
-    import json
+    from tinytx.embedding import similarity_json, similarity_table
 
     items = _texts(texts, text_file)
     model = _load_bert(ctx, model_path)
     vectors = _embed(model, items, batch_size)
-    matrix = vectors @ vectors.T  # unit vectors: dot product = cosine
-    if as_json:
-        rows = [[round(float(x), 6) for x in row] for row in matrix]
-        click.echo(json.dumps({"texts": items, "similarity": rows}, ensure_ascii=False))
-        return
-    for i, t in enumerate(items, start=1):
-        click.echo(f"[{i}] {_short(t, 72)}")
-    click.echo()
-    label = len(f"[{len(items)}]")
-    cell = max(6, label)
-    click.echo(" " * label + "".join(f"{f'[{j}]':>{cell + 1}}" for j in range(1, len(items) + 1)))
-    for i, row in enumerate(matrix, start=1):
-        click.echo(f"{f'[{i}]':>{label}}" + "".join(f"{x:>{cell + 1}.3f}" for x in row))
-
-
-def _row_index(tokens: list[str], row: str) -> int:
-    """--row: a token (its first occurrence) or a position."""
-    if row.isdigit() and int(row) < len(tokens):
-        return int(row)
-    if row in tokens:
-        return tokens.index(row)
-    if row.lower() in tokens:
-        return tokens.index(row.lower())
-    raise click.BadParameter(
-        f"{row!r} is neither a token of the text nor a position 0..{len(tokens) - 1}; "
-        f"tokens: {' '.join(tokens)}",
-        param_hint="'--row'",
-    )
+    click.echo(similarity_json(items, vectors) if as_json else similarity_table(items, vectors))
 
 
 @cli.command("attention-map")
@@ -512,7 +479,13 @@ def _row_index(tokens: list[str], row: str) -> int:
     default=None,
     help="Write a labelled PNG heatmap here (needs matplotlib: pip install 'tinytx[plot]').",
 )
-@click.option("--model", "model_path", default=None, help=_DEFAULT_MODEL_HELP)
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    help="A BERT-family or GPT-2 folder with tokenizer.json; default: all-MiniLM-L6-v2 "
+    "when installed, else tinytx's shipped Shakespeare GPT (a causal map: lower-triangular).",
+)
 @click.option(
     "--attention", default="softmax", show_default=True, help="Attention variant (see plugins)."
 )
@@ -534,63 +507,31 @@ def attention_map(
     color: bool | None,
 ) -> None:
     """The real attention of one head (or every head) of a layer over TEXT, as a heatmap."""
+    from tinytx.embedding import OptionError
+    from tinytx.embedding import attention_map as attention_map_of
+    from tinytx.plot import PlotUnavailable
     from tinytx.plugins import AttentionError
-    from tinytx.tokenizer import TruncationWarning
-    from tinytx.viz import heatmap
 
+    use_colour = sys.stdout.isatty() if color is None else color
     if cross:
         _cross_attention_map(ctx, text, layer, head, all_heads, output, model_path, color)
         return
-    layer = 0 if layer is None else layer
-    head = 0 if head is None else head
-    attention = _attention_name(attention)
-    model = _load_bert(ctx, model_path, attention)
-    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    if layer >= n_layers:
-        raise click.BadParameter(
-            f"{layer} is out of range: the model has layers 0..{n_layers - 1}",
-            param_hint="'--layer'",
-        )
-    if head >= n_heads:
-        raise click.BadParameter(
-            f"{head} is out of range: the model has heads 0..{n_heads - 1}", param_hint="'--head'"
-        )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TruncationWarning)
-        try:
-            seen = model.inspect(text)
-        except AttentionError as err:
-            raise CommandError(_one_line(err)) from None
-    _echo_warnings(caught)
-    tokens = seen.tokens
-    heads = list(range(n_heads)) if all_heads else [head]
-    use_colour = sys.stdout.isatty() if color is None else color
-    for h in heads:
-        title = f"layer {layer}, head {h}: row = attending token, column = attended token"
-        weights = seen.attentions[layer, h]  # (seq, seq)
-        picture = heatmap(weights, tokens, tokens, colour=use_colour, title=title)
-        click.echo(picture, color=use_colour)
-        if row is not None:
-            i = _row_index(tokens, row)
-            ranked = sorted(zip(tokens, weights[i], strict=True), key=lambda p: -p[1])
-            listing = ", ".join(f"{tok} {w:.3f}" for tok, w in ranked)
-            click.echo(f"row of {tokens[i]!r} (position {i}): {listing}")
-        click.echo()
-    if output:
-        from tinytx.plot import PlotUnavailable, save_attention_png
-
-        grid = seen.attentions[layer] if all_heads else seen.attentions[layer, head]
-        titles = [f"head {h}" for h in heads] if all_heads else None
-        name = f"layer {layer}" + ("" if all_heads else f", head {head}")
-        try:
-            path = save_attention_png(
-                grid, tokens, output, title=f"{name}: {_short(text, 60)}", head_titles=titles
-            )
-        except PlotUnavailable as err:
-            raise CommandError(str(err)) from None
-        except OSError as err:
-            raise CommandError(f"cannot write {output}: {err.strerror or err}") from None
-        click.echo(f"wrote {path}")
+    model = _load_attention_model(ctx, model_path, _attention_name(attention))
+    try:
+        drawn = attention_map_of(
+            model, text, layer=layer or 0, head=head or 0, all_heads=all_heads, row=row,
+            colour=use_colour, output=output,
+        )  # fmt: skip
+    except OptionError as err:
+        raise click.BadParameter(str(err), param_hint=f"'--{err.option}'") from None
+    except (AttentionError, PlotUnavailable, ValueError) as err:  # ValueError: empty text
+        raise CommandError(_one_line(err)) from None
+    except OSError as err:
+        raise CommandError(f"cannot write {output}: {err.strerror or err}") from None
+    _echo_warnings(drawn.warnings)
+    click.echo(drawn.text, color=use_colour)
+    if drawn.png:
+        click.echo(f"wrote {drawn.png}")
 
 
 # --- the paper's encoder-decoder: translate, cross-attention ---------------------------------

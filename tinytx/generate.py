@@ -302,17 +302,17 @@ def load_text_model(path: Any, *, backend: Any = None, attention: str = "softmax
     """
     from pathlib import Path
 
-    from tinytx.models.gpt import GPT
     from tinytx.pretrained import CheckpointError, load_pretrained, read_config
 
+    # This module never imports tinytx.models (GPT.generate imports it): no import circle.
     folder = Path(path)
     config = read_config(folder)
-    model = load_pretrained(folder, backend=backend, attention=attention)
-    if not isinstance(model, GPT):
+    if config.get("model_type") != "gpt2":
         raise CheckpointError(
             f"{folder} holds a {config.get('model_type')!r} model; generation needs a GPT "
             "(model_type 'gpt2')"
         )
+    model = load_pretrained(folder, backend=backend, attention=attention)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json: cannot turn text into tokens")

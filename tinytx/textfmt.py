@@ -40,6 +40,16 @@ def _pieces(cell: str) -> list[str]:
     return cell.split(" ")
 
 
+def _indent(cell: str) -> str:
+    """The leading spaces of a cell (a tree's depth): kept on every line it wraps onto."""
+    return cell[: len(cell) - len(cell.lstrip(" "))]
+
+
+def _floor(cell: str) -> int:
+    """The narrowest a cell can wrap to: its indent and its longest unbreakable piece."""
+    return len(_indent(cell)) + max(len(p) for p in _pieces(cell.lstrip(" ")))
+
+
 def natural_width(rows: Sequence[Sequence[str]]) -> int:
     """The width of a table of ``rows`` with no wrapping (two spaces between columns)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -48,13 +58,14 @@ def natural_width(rows: Sequence[Sequence[str]]) -> int:
 
 def _wrap_cell(cell: str, width: int) -> list[str]:
     """One cell as lines of at most ``width`` (an unbreakable piece may be longer)."""
+    indent = _indent(cell)
     lines: list[str] = []
-    for piece in _pieces(cell):
-        if lines and len(lines[-1]) + 1 + len(piece) <= width:
+    for piece in _pieces(cell.lstrip(" ")):
+        if lines and len(indent) + len(lines[-1]) + 1 + len(piece) <= width:
             lines[-1] += " " + piece
         else:
             lines.append(piece)
-    return lines or [""]
+    return [indent + line for line in lines] or [""]
 
 
 def fit_table(
@@ -69,8 +80,7 @@ def fit_table(
     text at spaces), down to their longest unbreakable piece."""
     table = [list(header), *(list(r) for r in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    floor = {i: max(len(p) for line in table for p in _pieces(line[i])) for i in wrap_columns}
-    floor = {i: max(f, len(header[i])) for i, f in floor.items()}
+    floor = {i: max(_floor(line[i]) for line in table) for i in wrap_columns}
     while sum(widths) + 2 * (len(widths) - 1) > width:
         shrinkable = [i for i in wrap_columns if widths[i] > floor[i]]
         if not shrinkable:

@@ -126,7 +126,7 @@ class Trace:
         rows = body(short=False)
         if natural_width([header, *rows]) > width:
             rows = body(short=True)
-        return fit_table(header, rows, width, wrap_columns=(1, 2))
+        return fit_table(header, rows, width, wrap_columns=(0, 1, 2))
 
 
 def _own_name(path: str) -> str:
