@@ -160,6 +160,31 @@ def test_decoded_scores_equal_a_full_forward_pass(backend, seed, width) -> None:
         np.testing.assert_allclose([h.score for h in hypotheses], scores, rtol=0, atol=1e-5 * steps)
 
 
+def test_the_encoder_and_cross_projections_run_once_per_input(backend) -> None:
+    """Greedy decodes a batch with one encoder pass; beam search (greedy candidate
+    included) encodes each input once; each decoder layer projects the memory's
+    cross-attention keys and values once per encoder pass, not once per step."""
+    model = Seq2Seq(_config(n_decoder_layers=2), backend=backend)
+    calls = {"encode": 0, "project": 0}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    model.transformer.encode = counting("encode", model.transformer.encode)
+    for layer in model.transformer.decoder.layers:
+        attention = layer.multihead_attn
+        attention.project_context = counting("project", attention.project_context)
+    src = np.random.default_rng(0).integers(3, VOCAB, size=(3, 5))
+    greedy_decode(model, src)
+    assert calls == {"encode": 1, "project": 2}
+    beam_search(model, src, beam_width=3)
+    assert calls == {"encode": 1 + 3, "project": 2 + 3 * 2}
+
+
 def test_greedy_batches_equal_single_inputs(backend) -> None:
     model = _trained_looking(backend, 7)
     src = np.random.default_rng(1).integers(3, VOCAB, size=(3, 6))

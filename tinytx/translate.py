@@ -99,11 +99,15 @@ def greedy_decode(
     row (None: no padding); max_len: at most this many decoder steps (default and
     maximum: ``max_target_len``) -> one :class:`Hypothesis` per input.
     """
-    cfg = model.config
     max_len = _check_max_len(model, max_len)
     ids = _as_ids(model, src_ids)  # (batch, S)
     state = model.start_decoding(ids, src_lengths, max_len)
-    batch = ids.shape[0]
+    return _greedy_steps(model, state, ids.shape[0], max_len)
+
+
+def _greedy_steps(model: Any, state: Any, batch: int, max_len: int) -> list[Hypothesis]:
+    """Greedy decoding from a fresh DecoderState of ``batch`` rows."""
+    cfg = model.config
     tokens = np.full(batch, cfg.bos_id, dtype=np.int64)  # (batch,) the last token fed
     out: list[list[int]] = [[] for _ in range(batch)]
     scores = np.zeros(batch)  # (batch,) float64
@@ -124,10 +128,9 @@ def greedy_decode(
     return [Hypothesis(out[b], float(scores[b]), bool(finished[b])) for b in range(batch)]
 
 
-def _beam_one(model: Any, src_ids: Any, src_lengths: list[int] | None, width: int, max_len: int):
-    """Beam search for one input (src_ids (1, S)): the best :class:`Hypothesis` found."""
+def _beam_one(model: Any, state: Any, width: int, max_len: int) -> Hypothesis:
+    """Beam search from a fresh DecoderState of one input: the best :class:`Hypothesis`."""
     cfg = model.config
-    state = model.start_decoding(src_ids, src_lengths, max_len)
     alive: list[tuple[list[int], float]] = [([], 0.0)]  # prefixes and their scores
     last = np.array([cfg.bos_id], dtype=np.int64)  # (n_alive,) each prefix's last token
     ended: list[Hypothesis] = []
@@ -170,23 +173,33 @@ def beam_search(
     docstring). src_ids: int (batch, S); src_lengths as for :func:`greedy_decode`.
 
     ``keep_greedy``: the greedy sequence competes too, so the result never scores below
-    greedy's. Each input is searched on its own (its beam is the batch); its encoder
-    runs once.
+    greedy's. Each input is searched on its own (its beam is the batch); its encoder runs
+    once, and the greedy candidate reuses the memory and cross-attention keys/values.
     """
+    from tinytx.layers.transformer import check_lengths
+    from tinytx.models.seq2seq import DecoderState
+
     if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
         raise ValueError(f"beam_width must be an int >= 1, got {beam_width!r}")
     max_len = _check_max_len(model, max_len)
     ids = _as_ids(model, src_ids)  # (batch, S)
     batch = ids.shape[0]
-    from tinytx.layers.transformer import check_lengths
 
     lengths = check_lengths(src_lengths, batch, ids.shape[1], "src_lengths")
     results = []
     for b in range(batch):
         row_lengths = None if lengths is None else [lengths[b]]
-        best = _beam_one(model, ids[b : b + 1, ...], row_lengths, beam_width, max_len)
+        state = model.start_decoding(ids[b : b + 1, ...], row_lengths, max_len)  # encodes
+        # greedy reads the same memory and cross-attention keys/values, with its own cache
+        greedy_state = DecoderState(
+            state.memory,
+            state.memory_kv,
+            state.src_lengths,
+            model.transformer.new_cache(1, max_len),
+        )
+        best = _beam_one(model, state, beam_width, max_len)
         if keep_greedy and beam_width > 1:
-            (greedy,) = greedy_decode(model, ids[b : b + 1, ...], row_lengths, max_len=max_len)
+            (greedy,) = _greedy_steps(model, greedy_state, 1, max_len)
             best = greedy if greedy.score > best.score else best
         results.append(best)
     return results
