@@ -361,8 +361,15 @@ class Seq2Seq(Module):
         h, transformer_saved = self.transformer.forward_and_save(
             src, tgt, src_lengths=src_lengths, tgt_lengths=tgt_lengths
         )  # (batch, T, d_model)
-        logits = self.logits(h)  # (batch, T, vocab)
-        saved = {"src_ids": src_ids, "tgt_ids": tgt_ids, "h": h, "transformer": transformer_saved}
+        head_saved = None
+        if self.head is not None:
+            logits, head_saved = self.head.forward_and_save(h)  # (batch, T, vocab)
+        else:
+            logits = self.logits(h)  # (batch, T, vocab): h E_tgt^T
+        saved = {
+            "src_ids": src_ids, "tgt_ids": tgt_ids, "h": h, "head": head_saved,
+            "transformer": transformer_saved,
+        }  # fmt: skip
         return logits, saved
 
     def backward(self, grad_logits: Array, saved: dict[str, Any]) -> tuple[tuple, dict[str, Array]]:
@@ -387,7 +394,7 @@ class Seq2Seq(Module):
         shared = self.config.share_embeddings
         target_key = "source_embedding.weight" if shared else "target_embedding.weight"
         if self.head is not None:
-            (grad_h,), head_grads = self.head.backward(grad_logits, {"x": saved["h"]})
+            (grad_h,), head_grads = self.head.backward(grad_logits, saved["head"])
             add("head.weight", head_grads["weight"])
         else:
             grad_h, grad_table, _ = F.linear_backward(
@@ -399,9 +406,10 @@ class Seq2Seq(Module):
         )  # (batch, S, d_model), (batch, T, d_model)
         grads.update(self.prefix_grads("transformer", transformer_grads))
         vocab = self.config.vocab_size
-        add("source_embedding.weight",
-            F.embedding_backward(grad_src * scale, saved["src_ids"], vocab))  # fmt: skip
-        add(target_key, F.embedding_backward(grad_tgt * scale, saved["tgt_ids"], vocab))
+        grad_src_table = F.embedding_backward(grad_src * scale, saved["src_ids"], vocab)  # (v, d)
+        grad_tgt_table = F.embedding_backward(grad_tgt * scale, saved["tgt_ids"], vocab)  # (v, d)
+        add("source_embedding.weight", grad_src_table)
+        add(target_key, grad_tgt_table)
         return (None, None), grads
 
     # --- saving ------------------------------------------------------------------------
