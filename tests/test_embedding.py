@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,4 +71,4 @@ def test_row_index_and_shorten() -> None:
 
 def test_load_encoder_refuses_a_gpt(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="is not a BERT-family encoder"):
-        load_encoder("tests/fixtures/tiny_gpt2")
+        load_encoder(str(Path(__file__).parent / "fixtures" / "tiny_gpt2"))
