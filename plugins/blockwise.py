@@ -296,10 +296,15 @@ def _online_step(
     if allowed is not None:
         s = xp.where(allowed, s, -xp.inf)  # (b, h, Bq, Bk)
     m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))  # (b, h, Bq, 1)
+    infinite = m_new == xp.inf  # (b, h, Bq, 1): rows holding a +inf score so far
+    if xp.any(infinite):  # softmax's limit: equal shares among the +inf scores, 0 elsewhere
+        s = xp.where(infinite, xp.where(s == xp.inf, 0.0, xp.where(xp.isnan(s), s, -xp.inf)), s)
     m_safe = xp.where(xp.isfinite(m_new), m_new, 0.0)  # a row with nothing allowed yet
     s -= m_safe  # in place: one tile-sized temporary fewer
     p = xp.exp(s)  # (b, h, Bq, Bk), 0 where masked
     rescale = xp.exp(m - m_safe)  # (b, h, Bq, 1), 0 on the first block
+    if xp.any(infinite):  # earlier finite scores vanish; earlier +inf ones keep their share
+        rescale = xp.where(infinite, xp.astype(m == xp.inf, m.dtype), rescale)  # 1 or 0
     l = l * rescale + xp.sum(p, axis=-1, keepdims=True)  # (b, h, Bq, 1)
     acc = acc * rescale + xp.matmul(p, v_block)  # (b, h, Bq, d_v)
     return m_new, l, acc

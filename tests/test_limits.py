@@ -90,6 +90,20 @@ def test_attention_with_overflowing_scores_gives_the_limit(backend) -> None:
         np.testing.assert_array_equal(host(backend, out)[0, 0], np.tile(v[0, 0, 2], (3, 1)))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("block_size", [1, 2, 256])
+def test_blockwise_gives_the_same_limit_across_key_blocks(backend, block_size) -> None:
+    """Keys 1 and 4 give +inf scores, in different blocks: each gets half, as softmax's."""
+    q = np.ones((1, 1, 3, 2), dtype=np.float32)
+    k = np.zeros((1, 1, 5, 2), dtype=np.float32)
+    k[0, 0, [1, 4]] = 3e38
+    v = np.arange(10, dtype=np.float32).reshape(1, 1, 5, 2)
+    xs = [backend.asarray(a) for a in (q, k, v)]
+    out, _ = get_attention("blockwise")(*xs, block_size=block_size)
+    expected = (v[0, 0, 1] + v[0, 0, 4]) / 2  # (2,)
+    np.testing.assert_array_equal(host(backend, out)[0, 0], np.tile(expected, (3, 1)))
+
+
 # --- gelu ---------------------------------------------------------------------------------
 
 
