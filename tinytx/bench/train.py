@@ -37,7 +37,16 @@ from tinytx.bench.common import (
     torch_or_none,
 )
 
-__all__ = ["build", "format_results", "lockstep", "main", "run", "torch_gpt"]
+__all__ = [
+    "build",
+    "format_results",
+    "lockstep",
+    "main",
+    "memory_child",
+    "plot_lockstep",
+    "run",
+    "torch_gpt",
+]
 
 TARGET = 1.0  # tinytx / torch time per step
 
@@ -453,6 +462,36 @@ def _resume_lockstep(
     theirs.load_state_dict({"state": moments, "param_groups": result["torch_param_groups"]})
     rng.bit_generator.state = result["rng_state"]
     return result, (ours, theirs)  # ours anew: loading replaced the model's arrays
+
+
+def plot_lockstep(result_json: str | Path, png: str | Path) -> None:
+    """Draw a :func:`lockstep` run (its result.json): both training curves (means of 50
+    steps) and both validation losses at each evaluation."""
+    from tinytx.plot import _pyplot
+
+    result = json.loads(Path(result_json).read_text(encoding="utf-8"))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {"tinytx": "tab:blue", "torch": "tab:orange"}
+    for name, losses in result["losses"].items():
+        width = 50
+        smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
+        steps = np.arange(width, len(losses) + 1)
+        ax.plot(steps, smooth, color=colours[name], alpha=0.6, label=f"{name} train (mean of 50)")
+        evals = [(e["step"], e[f"{name}_val_loss"]) for e in result["evals"]]
+        xs, ys = zip(*evals, strict=True)
+        marker = "o--" if name == "tinytx" else "x:"
+        ax.plot(xs, ys, marker, color=colours[name], markersize=5, label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per character)")
+    ax.set_title(
+        "nanogpt-cpu on Shakespeare: tinytx and PyTorch, same weights and batches", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def _eval_line(e: dict[str, float]) -> str:
