@@ -724,7 +724,12 @@ def generate(
 
 @cli.command()
 @click.option("--data", default=None, help="'shakespeare' (default) or a UTF-8 text file.")
-@click.option("--preset", default="nanogpt-cpu", show_default=True, help="nanogpt-cpu or tiny.")
+@click.option(
+    "--preset",
+    default="nanogpt-cpu",
+    show_default=True,
+    help="nanogpt-cpu, tiny or shakespeare-default (the shipped model's).",
+)
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: the preset's).")
 @click.option("--out", type=click.Path(), default=None, help="Folder to write: a GPT-2 folder.")
 @click.option("--resume", type=click.Path(), default=None, help="Continue DIR's checkpoint.")

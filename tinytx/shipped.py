@@ -18,6 +18,7 @@ download. Its weights are checked against ``model.safetensors.sha256`` on every 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "CausalInspector",
     "LayerCounts",
     "default_model_path",
+    "generation_speed",
     "load_attention_model",
     "load_default_text_model",
     "run_gpt_demo",
@@ -189,3 +191,33 @@ def run_gpt_demo(
         host_weights = [model.backend.to_numpy(w)[0] for w in weights]  # (heads, seq, seq)
     tokens = [token_label(tokenizer.decode([i])) for i in ids]
     return DemoResult(tokens, recorder, host_weights, model.backend.to_numpy(logits)[0])
+
+
+def generation_speed(
+    text_model: Any | None = None,
+    *,
+    prompt: str = "ROMEO:",
+    new_tokens: int = 120,
+    repeats: int = 3,
+    backend: str | Backend | None = None,
+) -> dict[str, float]:
+    """Tokens per second of greedy generation, with and without the KV cache.
+
+    text_model: a :class:`tinytx.generate.TextModel` (default: the shipped GPT on
+    ``backend``). Each mode generates ``new_tokens`` tokens after ``prompt`` ``repeats``
+    times; the best (shortest) run counts, as timeit does, so other work on the machine
+    inflates it least. -> {"cached": tokens/s, "uncached": tokens/s, "new_tokens": n}.
+    """
+    import time
+
+    text_model = load_default_text_model(backend=backend) if text_model is None else text_model
+    result: dict[str, float] = {"new_tokens": new_tokens}
+    for name, use_cache in (("cached", True), ("uncached", False)):
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pieces = list(text_model.stream(prompt, new_tokens, use_cache=use_cache))
+            text_model.model.backend.synchronize()
+            best = min(best, time.perf_counter() - start)
+        result[name] = len(pieces) / best
+    return result
