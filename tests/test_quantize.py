@@ -85,3 +85,29 @@ def test_int8_weights_refuse_other_backends() -> None:
     config = GPTConfig(vocab_size=10, context_length=8, d_model=8, n_heads=2, n_layers=1)
     with pytest.raises(ValueError, match="numpy backend"):
         int8_weights(GPT(config, seed=0, backend="strict"))
+
+
+def test_every_product_with_a_weight_reads_int8_inside_the_block(numpy_backend, monkeypatch):
+    """Linear layers, the tied head and the attention's packed in_proj rows (a view of a
+    quantized weight) all take the int8 kernel inside the block."""
+    from tinytx.backends import numpy_natives
+    from tinytx.models.gpt import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=50, context_length=16, d_model=16, n_heads=2, n_layers=2)
+    model = GPT(config, seed=0)
+    calls = {"linear": 0, "int8": 0}
+    linear, int8_matmul = numpy_natives.linear, int8_kernels.int8_matmul
+
+    def counting_linear(*args, **kwargs):
+        calls["linear"] += 1
+        return linear(*args, **kwargs)
+
+    def counting_int8(*args, **kwargs):
+        calls["int8"] += 1
+        return int8_matmul(*args, **kwargs)
+
+    monkeypatch.setitem(numpy_backend.natives, "linear", counting_linear)
+    monkeypatch.setattr(int8_kernels, "int8_matmul", counting_int8)
+    with int8_weights(model):
+        model(numpy_backend.asarray(np.array([[1, 2, 3]])))
+    assert calls["linear"] > 0 and calls["int8"] == calls["linear"]
