@@ -321,3 +321,20 @@ def test_cli_refuses_attention_without_backward(tmp_path):
         _one_line_error(result, "attention 'no_grad_test' has no backward")
     finally:
         unregister_attention("no_grad_test")
+
+
+def test_without_matplotlib_a_note_and_no_picture(tmp_path, monkeypatch):
+    import tinytx.plot
+
+    def unavailable():
+        raise tinytx.plot.PlotUnavailable(
+            "drawing a PNG needs matplotlib: pip install 'tinytx[plot]'"
+        )
+
+    monkeypatch.setattr(tinytx.plot, "_pyplot", unavailable)
+    notes = []
+    model, task, settings = _setup("numpy", steps=2)
+    run(model, task, settings, tmp_path / "out", progress=False, echo=notes.append)
+    assert notes == ["no loss.png: drawing a PNG needs matplotlib: pip install 'tinytx[plot]'"]
+    assert not (tmp_path / "out" / "loss.png").exists()
+    assert (tmp_path / "out" / "metrics.json").is_file()

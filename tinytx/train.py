@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -136,7 +136,7 @@ PRESETS: dict[str, TrainSettings] = {
     ),  # fmt: skip
 }
 
-# Overridable from the command line: name -> (minimum, description)
+# Each setting's check: value -> None when valid, else what was expected.
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "layers": lambda v: None if _is_int(v) and v >= 1 else "an int >= 1",
     "heads": lambda v: None if _is_int(v) and v >= 1 else "an int >= 1",
@@ -786,11 +786,3 @@ def train_gpt(
         backend=backend, eval_batches=settings.eval_batches, seed=settings.seed,
     )  # fmt: skip
     return run(model, task, settings, out, resume=resume is not None, progress=progress, echo=echo)
-
-
-def describe(settings: Mapping[str, Any]) -> str:
-    """One line naming the model and batch of a settings dict (for the CLI's summary)."""
-    return (
-        f"{settings['layers']} layers, {settings['heads']} heads, width {settings['width']}, "
-        f"context {settings['context']}, batch {settings['batch_size']}"
-    )
