@@ -9,7 +9,7 @@ when tinytx's final validation loss is within 0.03 of torch's.
 
 import sys
 
-from tinytx.bench.train import main
+from tinytx.bench.train import lockstep_main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(lockstep_main(sys.argv[1:]))

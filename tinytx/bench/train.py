@@ -35,12 +35,14 @@ from tinytx.bench.common import (
     set_threads,
     time_alternating,
     torch_or_none,
+    write_json,
 )
 
 __all__ = [
     "build",
     "format_results",
     "lockstep",
+    "lockstep_main",
     "main",
     "memory_child",
     "plot_lockstep",
@@ -502,6 +504,21 @@ def _eval_line(e: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python benchmarks/train.py``: the table of :func:`run` (``tinytx bench train``)."""
+    parser = argparse.ArgumentParser(description="nanogpt-cpu training step, tinytx vs torch")
+    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None, help="Write every number here.")
+    args = parser.parse_args(argv)
+    result = run(args.backend, threads=args.threads, repeats=args.repeats)
+    print(format_results(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def lockstep_main(argv: Sequence[str] | None = None) -> int:
     """``python benchmarks/train_vs_torch.py``: see :func:`lockstep`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="shakespeare")
@@ -526,4 +543,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
