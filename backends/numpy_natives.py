@@ -547,6 +547,33 @@ def blockwise_attention_backward(
     return dq, dk, dv
 
 
+def alibi_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    slopes: Sequence[float],
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The numbers of :mod:`tinytx.plugins.alibi` (its code is the definition):
+    softmax(q k^T * scale - m_h |p_i - j|) v, computed as :func:`_attention_tiled`
+    computes softmax attention, the distance penalty made one tile at a time and added
+    with the mask's biases (the (heads, seq_q, seq_k) penalty is never stored).
+
+    q: (batch, heads, seq_q, d); k, v: (batch, heads, seq_k, d / d_v); slopes: one per
+    head -> (batch, heads, seq_q, d_v), weights (batch, heads, seq_q, seq_k).
+    """
+    if q.dtype not in (np.float32, np.float64) or 0 in q.shape or 0 in k.shape:
+        return NotImplemented
+    if k.shape[1] != q.shape[1] or len(slopes) != q.shape[1]:
+        return NotImplemented
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    head_slopes = np.asarray(slopes, dtype=q.dtype)  # (heads,)
+    return _attention_tiled(q, k, v, _bool(mask), causal, scale, slopes=head_slopes)
+
+
 def _attention_whole(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool,
     scale: float,
@@ -572,7 +599,7 @@ def _attention_whole(
 
 def _attention_tiled(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool,
-    scale: float, keep_weights: bool = True,
+    scale: float, keep_weights: bool = True, slopes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
     """Attention one tile at a time: a tile is one (batch, head) and a block of query
     rows, rows * seq_k about ``_TILE_ELEMENTS``, so that its slice of the weights stays
@@ -653,6 +680,10 @@ def _attention_tiled(
             position = np.arange(start + offset, end + offset)  # (r,) each query's position
             allowed = np.arange(n) <= position[:, None]  # (r, n)
             biases.append(_additive(allowed, w.dtype))  # (r, n)
+        if slopes is not None:  # ALiBi: -m_h |p_i - j|, made per tile, never (seq_q, seq_k)
+            position = np.arange(start + offset, end + offset, dtype=w.dtype)  # (r,)
+            distance = np.abs(position[:, None] - np.arange(n, dtype=w.dtype))  # (r, n)
+            biases.append(-slopes[hs, None, None] * distance)  # (g, r, n)
         k_h = k[bs, kv, :n]  # (nb, g or 1, n, d)
         np.matmul(q[bs, hs, start:end] * scale, np.swapaxes(k_h, -1, -2), out=w)  # scores
         _softmax_block(w, None, biases)  # (nb, g, r, n) weights, in place
@@ -947,4 +978,5 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "gelu": gelu,
     "embedding_backward": embedding_backward,
     "matmul": matmul,
+    "alibi_attention": alibi_attention,
 }

@@ -24,6 +24,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from tinytx.backends import native_function
 from tinytx.functional import (
     causal_mask,
     matmul,
@@ -96,6 +97,11 @@ def alibi_attention(
     heads, seq_q, d = q.shape[1], q.shape[2], q.shape[3]
     seq_k = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    native = native_function(xp, "alibi_attention")  # NumPy: tiles with the penalty per tile
+    if native is not None:
+        out = native(q, k, v, alibi_slopes(heads), mask, causal, scale)
+        if out is not NotImplemented:
+            return out
     slopes = xp.asarray(alibi_slopes(heads), dtype=q.dtype, device=dev)  # (heads,)
     q_pos = xp.arange(seq_k - seq_q, seq_k, dtype=q.dtype, device=dev)  # (seq_q,) query positions
     k_pos = xp.arange(seq_k, dtype=q.dtype, device=dev)  # (seq_k,)

@@ -79,3 +79,32 @@ def test_weight_bytes_per_token_counts_a_tied_embedding_once() -> None:
     params = model.parameters()
     expected = sum(a.size * 4 for name, a in params.items() if not name.startswith("position"))
     assert weight_bytes_per_token(model) == expected
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("seq_q", "seq_k"), [(7, 7), (5, 9), (40, 300)])
+@pytest.mark.parametrize("tile", [8, None])
+def test_alibi_native_equals_the_plugin_definition(
+    numpy_backend, monkeypatch, causal, seq_q, seq_k, tile
+) -> None:
+    """The NumPy native (penalty made per tile, tiles on the pool) against the plugin's
+    own array-API code with the native switched off, with and without a mask."""
+    from tinytx.plugins import get_attention
+
+    if tile is not None:
+        monkeypatch.setattr(numpy_natives, "_TILE_ELEMENTS", tile)
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 3, s, 8), dtype=np.float32) for s in (seq_q, seq_k, seq_k))
+    mask = rng.random((2, 1, seq_q, seq_k)) < 0.8
+    alibi = get_attention("alibi")
+    out, weights = alibi(q, k, v, mask=mask, causal=causal)
+    monkeypatch.delitem(numpy_backend.natives, "alibi_attention")
+    ref_out, ref_w = alibi(q, k, v, mask=mask, causal=causal)
+    # scores within (d + 2) eps (|q||k| scale + |bias|), so weights within 2 of that
+    # relative (softmax's condition), and out = W v adds seq_k eps |W||v|.
+    eps = np.finfo(np.float32).eps
+    scores = np.abs(q) @ np.abs(np.swapaxes(k, -1, -2)) / np.sqrt(8) + seq_k  # |bias| <= seq_k
+    w_bound = 4 * (8 + 2) * eps * scores.max(axis=-1, keepdims=True) * ref_w + seq_k * eps * ref_w
+    assert np.all(np.abs(weights - ref_w) <= w_bound + 1e-30)
+    out_bound = w_bound @ np.abs(v) + 2 * seq_k * eps * (ref_w @ np.abs(v))
+    assert np.all(np.abs(out - ref_out) <= out_bound + 1e-30)
