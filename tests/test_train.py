@@ -338,3 +338,14 @@ def test_without_matplotlib_a_note_and_no_picture(tmp_path, monkeypatch):
     assert notes == ["no loss.png: drawing a PNG needs matplotlib: pip install 'tinytx[plot]'"]
     assert not (tmp_path / "out" / "loss.png").exists()
     assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_another_attention_variant_is_recorded(tmp_path):
+    model, task, settings = _setup("numpy", steps=2)
+    model = GPT(model.config, attention="linear", seed=0)
+    run(model, task, settings, tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+    assert config["tinytx_attention"] == "linear"
+    loaded = tinytx.load_pretrained(tmp_path / "out", attention="linear")
+    ids = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(loaded(ids), model(ids))

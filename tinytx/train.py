@@ -278,11 +278,19 @@ class LanguageModelTask:
 
     def save(self, model: Any, folder: Path) -> None:
         """``folder`` as a Hugging Face GPT-2 folder: config.json, model.safetensors and
-        tokenizer.json."""
+        tokenizer.json. A model trained with another attention variant than softmax
+        records it as ``tinytx_attention`` in config.json: load it with that variant
+        (``--attention``); transformers would compute softmax attention with its weights."""
         from tinytx.models.gpt import save_gpt2
 
         save_gpt2(model, folder)
         self.tokenizer.save(str(Path(folder) / "tokenizer.json"))
+        variant = model.attention.name
+        if variant != "softmax":  # GPT-2's format cannot say it; load with attention=variant
+            path = Path(folder) / "config.json"
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config["tinytx_attention"] = variant
+            path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 # --- initialisation -------------------------------------------------------------------------
