@@ -574,6 +574,32 @@ def alibi_attention(
     return _attention_tiled(q, k, v, _bool(mask), causal, scale, slopes=head_slopes)
 
 
+def sigmoid_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The numbers of :mod:`tinytx.plugins.sigmoid` without a mask (its code is the
+    definition): sigmoid(q k^T * scale - log seq_k) v, the same steps one cache-sized tile
+    at a time on the pool, as :func:`_attention_tiled` computes softmax attention. A mask
+    or causal=True is left to the definition (NotImplemented).
+
+    q: (batch, heads, seq_q, d); k, v: (batch, heads, seq_k, d / d_v)
+    -> (batch, heads, seq_q, d_v), weights (batch, heads, seq_q, seq_k).
+    """
+    if mask is not None or causal or q.dtype not in (np.float32, np.float64):
+        return NotImplemented
+    if 0 in q.shape or 0 in k.shape or k.shape[1] != q.shape[1]:
+        return NotImplemented
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    shift = math.log(k.shape[2])  # the bias -log n, n = seq_k for every query
+    return _attention_tiled(q, k, v, None, False, scale, sigmoid_shift=shift)
+
+
 def _attention_whole(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool,
     scale: float,
@@ -600,6 +626,7 @@ def _attention_whole(
 def _attention_tiled(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool,
     scale: float, keep_weights: bool = True, slopes: np.ndarray | None = None,
+    sigmoid_shift: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
     """Attention one tile at a time: a tile is one (batch, head) and a block of query
     rows, rows * seq_k about ``_TILE_ELEMENTS``, so that its slice of the weights stays
@@ -686,7 +713,14 @@ def _attention_tiled(
             biases.append(-slopes[hs, None, None] * distance)  # (g, r, n)
         k_h = k[bs, kv, :n]  # (nb, g or 1, n, d)
         np.matmul(q[bs, hs, start:end] * scale, np.swapaxes(k_h, -1, -2), out=w)  # scores
-        _softmax_block(w, None, biases)  # (nb, g, r, n) weights, in place
+        if sigmoid_shift is None:
+            _softmax_block(w, None, biases)  # (nb, g, r, n) weights, in place
+        else:  # sigmoid attention, the plugin's steps: w = (1 + tanh((s - log n) / 2)) / 2
+            np.subtract(w, sigmoid_shift, out=w)
+            np.multiply(w, 0.5, out=w)
+            np.tanh(w, out=w)
+            np.multiply(w, 0.5, out=w)
+            np.add(w, 0.5, out=w)
         np.matmul(w, v[bs, kv, :n], out=o)  # (nb, g, r, d_v)
 
     jobs = [
@@ -979,4 +1013,5 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "embedding_backward": embedding_backward,
     "matmul": matmul,
     "alibi_attention": alibi_attention,
+    "sigmoid_attention": sigmoid_attention,
 }

@@ -21,6 +21,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from tinytx.backends import native_function
 from tinytx.functional import causal_mask, matmul
 from tinytx.plugins.registry import register_attention
 
@@ -103,6 +104,9 @@ def sigmoid_attention(
     xp = array_namespace(q, k, v)
     seq_q, d, seq_k = q.shape[2], q.shape[3], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    native = native_function(xp, "sigmoid_attention")  # NumPy, no mask: tiles on the pool
+    if native is not None and (out := native(q, k, v, mask, causal, scale)) is not NotImplemented:
+        return out
     scores = matmul(q * scale, xp.matrix_transpose(k))  # (batch, heads, seq_q, seq_k)
     allowed = mask
     if causal:

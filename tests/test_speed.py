@@ -108,3 +108,31 @@ def test_alibi_native_equals_the_plugin_definition(
     assert np.all(np.abs(weights - ref_w) <= w_bound + 1e-30)
     out_bound = w_bound @ np.abs(v) + 2 * seq_k * eps * (ref_w @ np.abs(v))
     assert np.all(np.abs(out - ref_out) <= out_bound + 1e-30)
+
+
+@pytest.mark.parametrize(("seq_q", "seq_k"), [(7, 7), (5, 9), (40, 300)])
+@pytest.mark.parametrize("tile", [8, None])
+def test_sigmoid_native_equals_the_plugin_definition(
+    numpy_backend, monkeypatch, seq_q, seq_k, tile
+) -> None:
+    """The NumPy native (no mask: tiles on the pool) against the plugin's array-API code
+    with the native switched off; a mask or causal=True is left to the definition."""
+    from tinytx.plugins import get_attention
+
+    if tile is not None:
+        monkeypatch.setattr(numpy_natives, "_TILE_ELEMENTS", tile)
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 3, s, 8), dtype=np.float32) for s in (seq_q, seq_k, seq_k))
+    assert numpy_natives.sigmoid_attention(q, k, v, causal=True) is NotImplemented
+    sigmoid = get_attention("sigmoid")
+    out, weights = sigmoid(q, k, v)
+    monkeypatch.delitem(numpy_backend.natives, "sigmoid_attention")
+    ref_out, ref_w = sigmoid(q, k, v)
+    # The same operations in the same order on each weight; only BLAS's sums may group
+    # differently: scores within (d + 1) eps |q||k| scale, sigmoid' <= 1/4, then W v.
+    eps = np.finfo(np.float32).eps
+    scores = np.abs(q) @ np.abs(np.swapaxes(k, -1, -2)) / np.sqrt(8)
+    w_bound = (8 + 1) * eps * scores / 4 + 4 * eps * ref_w
+    assert np.all(np.abs(weights - ref_w) <= w_bound)
+    out_bound = w_bound @ np.abs(v) + 2 * seq_k * eps * (ref_w @ np.abs(v))
+    assert np.all(np.abs(out - ref_out) <= out_bound)
