@@ -675,6 +675,11 @@ def _attention_tiled(
     per_tile, per_batch = 1, 1  # heads, batch entries per tile
     if rows == seq_q and group == 1:
         per_tile = max(1, min(heads, _TILE_ELEMENTS // (seq_q * seq_k)))
+        # Fewer batch entries than threads: share the heads, so that the products run on
+        # the pool at one BLAS thread each, never on BLAS's own threads (seq 256, batch 1,
+        # loaded machine: medians 33 -> 3 ms; OpenBLAS's workers wait on busy cores).
+        if batch < get_num_threads():
+            per_tile = min(per_tile, -(-heads // get_num_threads()))
         if per_tile == heads:
             fits = max(1, _TILE_ELEMENTS // (heads * seq_q * seq_k))
             per_batch = min(fits, -(-batch // (2 * get_num_threads())))
