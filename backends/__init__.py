@@ -106,6 +106,7 @@ def _host(x: Any, dtype: Any = None) -> np.ndarray:
 def _make_numpy() -> Backend:
     import array_api_compat.numpy as xp
 
+    from tinytx.backends.numpy_backward_natives import BACKWARD_NATIVES
     from tinytx.backends.numpy_natives import NATIVES
 
     def asarray(host: Any, dtype: Any = None) -> np.ndarray:
@@ -114,7 +115,8 @@ def _make_numpy() -> Backend:
     def to_numpy(x: Any) -> np.ndarray:
         return np.array(x, copy=True)  # a copy: editing it never edits a parameter
 
-    return Backend("numpy", xp, "cpu", asarray, to_numpy, natives=NATIVES)
+    natives = {**NATIVES, **BACKWARD_NATIVES}
+    return Backend("numpy", xp, "cpu", asarray, to_numpy, natives=natives)
 
 
 def _make_strict() -> Backend:

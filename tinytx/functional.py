@@ -238,6 +238,11 @@ def gelu_backward(grad_y: Array, x: Array, approximate: str = "none") -> Array:
         raise ValueError(
             f"gelu_backward: approximate must be 'none' or 'tanh', got {approximate!r}"
         )
+    native_backward = _native(xp, "gelu_backward")
+    if native_backward is not None and (
+        (grad_x := native_backward(grad_y, x)) is not NotImplemented
+    ):
+        return grad_x
     native = _native(xp, "erf")
     if native is not None:
         cdf = 0.5 * (1.0 + native(x * (1.0 / math.sqrt(2.0))))  # (...)  Phi(x)

@@ -1,0 +1,100 @@
+"""The NumPy backend's backward natives compute what tinytx.functional's definitions compute.
+
+As in tests/test_natives.py: each backward runs twice on the same input, once as the
+library runs it (the native) and once with the natives switched off (the readable
+array-API definition), with blocks shrunk so that small inputs already take the
+threaded, many-block path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tinytx
+from tinytx import functional as F
+from tinytx.backends import numpy_backward_natives, numpy_natives
+
+BACKWARD_NAMES = ("gelu_backward",)
+DTYPES = (np.float32, np.float64)
+
+shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny blocks and no size threshold: every input is cut up and spread over threads."""
+    monkeypatch.setattr(numpy_natives, "_BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(numpy_natives, "_PARALLEL_MIN_ELEMENTS", 0)
+    before = numpy_natives.get_num_threads()
+    numpy_natives.set_num_threads(2)
+    yield
+    numpy_natives.set_num_threads(before)
+
+
+def definition(fn, *args, **kwargs):
+    """Call ``fn`` from tinytx.functional with every native switched off."""
+    saved = F._native
+    F._native = lambda xp, name: None
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        F._native = saved
+
+
+def random_array(seed: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * 3).astype(dtype)
+
+
+def test_numpy_backend_lists_the_backward_natives(numpy_backend: tinytx.Backend) -> None:
+    for name in BACKWARD_NAMES:
+        native = getattr(numpy_backward_natives, name)
+        assert numpy_backend.natives[name] is native
+        assert F._native(numpy_backend.xp, name) is native
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES))
+def test_gelu_backward_native_equals_definition_bit_for_bit(
+    numpy_backend, shape, seed, dtype
+) -> None:
+    x = numpy_backend.asarray(random_array(seed, shape, dtype) * 6)  # both tails
+    grad_y = numpy_backend.asarray(random_array(seed + 1, shape, dtype))
+    native = F.gelu_backward(grad_y, x)
+    reference = definition(F.gelu_backward, grad_y, x)
+    assert native.dtype == dtype
+    np.testing.assert_array_equal(native, reference)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_backward_native_at_the_limits(numpy_backend, dtype) -> None:
+    """Huge, tiny and zero inputs: the same numbers as the definition (NaN where it has NaN)."""
+    finfo = np.finfo(dtype)
+    extremes = (finfo.tiny, 40.0, 1e4, finfo.max, np.inf)
+    values = [0.0, -0.0, np.nan, *extremes, *(-e for e in extremes)]
+    x = numpy_backend.asarray(np.array(values, dtype=dtype))
+    grad_y = numpy_backend.asarray(np.ones(x.shape, dtype=dtype))
+    with np.errstate(all="ignore"):
+        native = F.gelu_backward(grad_y, x)
+        reference = definition(F.gelu_backward, grad_y, x)
+    np.testing.assert_array_equal(native, reference)
+
+
+def test_gelu_backward_native_leaves_the_tanh_form_to_the_definition(
+    numpy_backend, monkeypatch
+) -> None:
+    x = numpy_backend.asarray(np.linspace(-4, 4, 9), dtype="float32")
+    grad_y = numpy_backend.asarray(np.ones(9), dtype="float32")
+    calls = []
+    native = numpy_backend.natives["gelu_backward"]
+    monkeypatch.setitem(
+        numpy_backend.natives, "gelu_backward", lambda *a: calls.append(a) or native(*a)
+    )
+    np.testing.assert_array_equal(
+        F.gelu_backward(grad_y, x, approximate="tanh"),
+        definition(F.gelu_backward, grad_y, x, approximate="tanh"),
+    )
+    assert not calls  # the tanh form never reaches the exact-form native
+    F.gelu_backward(grad_y, x)
+    assert len(calls) == 1
