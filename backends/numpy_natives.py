@@ -933,6 +933,9 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     - small products (under ``_THREADED_MIN_FLOPS_PER_THREAD`` per thread): on the
       caller's thread with BLAS held to one thread, so no BLAS worker wakes up (and then
       spins idle for a while on a core the next pass needs);
+    - one matrix b (2-D, a layer's weight) and many rows of a (``_POOL_ROWS_PER_THREAD``
+      per thread or more): a's rows split between the pool's threads, as in :func:`linear`
+      (the products of a training step's backward: dy W and dy^T x);
     - a stack of products (a.shape[:-2] == b.shape[:-2], at least one per thread): the
       stack split between the pool's threads, each multiplying its share on a
       single-threaded BLAS, as the attention tiles do;
@@ -952,6 +955,9 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if flops < threads * _THREADED_MIN_FLOPS_PER_THREAD:
         with _blas_single_threaded():
             return np.matmul(a, b)  # (..., m, n)
+    rows = math.prod(a.shape[:-1])
+    if b.ndim == 2 and rows >= _POOL_ROWS_PER_THREAD * threads:
+        return _rows_on_pool(a, b, threads)  # (..., m, n)
     if a.shape[:-2] != b.shape[:-2] or stack < threads:
         return np.matmul(a, b)  # (..., m, n), on BLAS's threads
     a3 = a.reshape(stack, m, k)  # (stack, m, k), a view when a is contiguous
@@ -964,6 +970,23 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     size = -(-stack // threads)  # products per thread, rounded up
     _map_with_blas_on_pool(product, [slice(s, min(s + size, stack)) for s in range(0, stack, size)])
     return out.reshape(*stack_shape, m, n)  # (..., m, n)
+
+
+def _rows_on_pool(a: np.ndarray, b: np.ndarray, threads: int) -> np.ndarray:
+    """a (..., m, k) @ b (k, n) -> (..., m, n): all of a's rows as one (rows, k) matrix,
+    split between the pool's threads, each multiplying its share on a single-threaded BLAS.
+    A transposed a (dy^T of a weight's gradient) is split without a copy."""
+    k, n = b.shape
+    flat = a.reshape(-1, k)  # (rows, k), a view when a's leading axes allow it
+    out = np.empty((flat.shape[0], n), dtype=a.dtype)  # (rows, n)
+
+    def product(share: slice) -> None:
+        np.matmul(flat[share], b, out=out[share])  # (r, n)
+
+    size = -(-flat.shape[0] // threads)  # rows per thread, rounded up
+    shares = [slice(s, min(s + size, flat.shape[0])) for s in range(0, flat.shape[0], size)]
+    _map_with_blas_on_pool(product, shares)
+    return out.reshape(*a.shape[:-1], n)  # (..., m, n)
 
 
 def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:

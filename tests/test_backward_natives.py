@@ -98,3 +98,35 @@ def test_gelu_backward_native_leaves_the_tanh_form_to_the_definition(
     assert not calls  # the tanh form never reaches the exact-form native
     F.gelu_backward(grad_y, x)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("lead", [(7,), (3, 5)])
+def test_linear_backward_splits_rows_between_threads(numpy_backend, monkeypatch, lead) -> None:
+    """Both products of linear_backward (dy W, and dy^T x with a transposed dy) have one
+    2-D matrix on the right: the matmul native splits their rows between the pool's
+    threads, and the gradients stay within the dot products' rounding of the definition's."""
+    monkeypatch.setattr(numpy_natives, "_POOL_ROWS_PER_THREAD", 1)
+    monkeypatch.setattr(numpy_natives, "_THREADED_MIN_FLOPS_PER_THREAD", 0)
+    splits = []
+    original = numpy_natives._rows_on_pool
+    monkeypatch.setattr(
+        numpy_natives, "_rows_on_pool", lambda a, b, n: splits.append(a.shape) or original(a, b, n)
+    )
+    d_in, d_out = 6, 4
+    x = random_array(0, (*lead, d_in), np.float32)
+    weight = random_array(1, (d_out, d_in), np.float32)
+    grad_y = random_array(2, (*lead, d_out), np.float32)
+    native = F.linear_backward(grad_y, x, weight)
+    reference = definition(F.linear_backward, grad_y, x, weight)
+    rows = int(np.prod(lead))
+    assert splits == [(rows, d_out), (d_out, rows)]
+    eps = np.finfo(np.float32).eps
+    dy, xs = np.abs(grad_y).reshape(rows, d_out), np.abs(x).reshape(rows, d_in)
+    bounds = [  # |error| <= 2 (terms + 1) eps sum |a_i b_i| for each dot product, both sides
+        2 * (d_out + 1) * eps * (dy @ np.abs(weight)).reshape(*lead, d_in),
+        2 * (rows + 1) * eps * (dy.T @ xs),
+        2 * (rows + 1) * eps * dy.sum(axis=0),
+    ]
+    for got, want, bound in zip(native, reference, bounds, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert np.all(np.abs(got - want) <= bound)

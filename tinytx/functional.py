@@ -574,10 +574,10 @@ def linear_backward(
     xp = array_namespace(grad_y, x, weight)
     d_out, d_in = weight.shape
     _check_cotangent(grad_y, (*x.shape[:-1], d_out), x.dtype, "linear_backward")
-    grad_x = xp.matmul(grad_y, weight)  # (..., d_in)
     rows_dy = xp.reshape(grad_y, (-1, d_out))  # (n, d_out)
     rows_x = xp.reshape(x, (-1, d_in))  # (n, d_in)
-    grad_weight = xp.matmul(xp.matrix_transpose(rows_dy), rows_x)  # (d_out, d_in)
+    grad_x = xp.reshape(matmul(rows_dy, weight), (*x.shape[:-1], d_in))  # (..., d_in)
+    grad_weight = matmul(xp.matrix_transpose(rows_dy), rows_x)  # (d_out, d_in)
     grad_bias = xp.sum(rows_dy, axis=0) if bias else None  # (d_out,)
     return grad_x, grad_weight, grad_bias
 
