@@ -132,35 +132,6 @@ def plugins() -> None:
     click.echo(plugins_text())
 
 
-def _parse_options(variant: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
-    """--option KEY=VALUE pairs -> typed option values (usage error when malformed)."""
-    parsed: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="'--option'")
-        spec = variant.options.get(key)
-        if spec is None:
-            known = ", ".join(variant.options) or "none"
-            raise click.BadParameter(
-                f"attention {variant.name!r} has no option {key!r}; its options: {known}",
-                param_hint="'--option'",
-            )
-        try:
-            if spec.type is bool:
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(text)
-                parsed[key] = text.lower() in ("true", "1")
-            else:
-                parsed[key] = spec.type(text)
-        except ValueError:
-            raise click.BadParameter(
-                f"option {key!r} of {variant.name!r} must be {spec.type.__name__}, got {text!r}",
-                param_hint="'--option'",
-            ) from None
-    return parsed
-
-
 @cli.command("check-plugin")
 @click.argument("name")
 @click.option(
@@ -195,7 +166,10 @@ def check_plugin(
         raise CommandError(str(err)) from None
     name = _attention_name(name, param_hint="'NAME'")
     backend = _backend(ctx)
-    options = _parse_options(get_attention(name), option_pairs)
+    try:
+        options = get_attention(name).parse_options(option_pairs)
+    except AttentionError as err:
+        raise click.BadParameter(str(err), param_hint="'--option'") from None
     try:
         report = check_attention(name, backend, options=options, max_examples=max_examples)
     except AttentionError as err:

@@ -48,7 +48,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,6 +194,38 @@ class AttentionVariant:
             value = given.get(name, spec.default)
             resolved[name] = spec.validate(self.name, name, value)
         return resolved
+
+    def parse_options(self, pairs: Iterable[str]) -> dict[str, Any]:
+        """``KEY=VALUE`` texts, as a command line gives them, -> typed option values.
+
+        A bool option takes true/false/1/0 (any case); other types are built from the text
+        (``int("2")``). A pair without ``=``, an unknown key or a text that is not of the
+        option's type is an AttentionError naming it; the values' rules are checked when the
+        variant is called (:meth:`resolve_options`).
+        """
+        parsed: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            if not sep or not key:
+                raise AttentionError(f"expected KEY=VALUE, got {pair!r}")
+            spec = self.options.get(key)
+            if spec is None:
+                known = ", ".join(self.options) or "none"
+                raise AttentionError(
+                    f"attention {self.name!r} has no option {key!r}; its options: {known}"
+                )
+            try:
+                if spec.type is bool:
+                    if text.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(text)
+                    parsed[key] = text.lower() in ("true", "1")
+                else:
+                    parsed[key] = spec.type(text)
+            except ValueError:
+                raise AttentionError(
+                    f"option {key!r} of {self.name!r} must be {spec.type.__name__}, got {text!r}"
+                ) from None
+        return parsed
 
     def __call__(
         self,
