@@ -25,7 +25,7 @@ def gelu_backward(grad_y: np.ndarray, x: np.ndarray, approximate: str = "none") 
     """Same as :func:`tinytx.functional.gelu_backward` (exact form), bit for bit.
 
     dx = dy * (Phi(x) + x phi(x)), with the definition's erfc fit for Phi and its
-    operations in its order, on cache-sized blocks with scratch buffers: about 25 passes
+    operations in its order, on cache-sized blocks with scratch buffers: about 30 passes
     over one block in cache instead of about 30 over arrays in memory.
     grad_y, x: any shape (the same) -> grad_x, that shape. The tanh form, and inputs that
     are not one floating dtype, are left to the definition (NotImplemented).
@@ -55,7 +55,16 @@ def gelu_backward(grad_y: np.ndarray, x: np.ndarray, approximate: str = "none") 
         np.exp(poly, out=poly)
         np.multiply(t, poly, out=t)  # erfc(|x| / sqrt 2) = 2 Phi(-|x|)
         np.multiply(t, 0.5, out=t)  # tail = Phi(-|x|)
-        np.subtract(1.0, t, out=t, where=xs >= 0)  # cdf = Phi(x): 1 - tail where x >= 0
+        # Phi(x) = 1 - tail where x >= 0, else tail: chosen without a branch (a masked
+        # ufunc or np.where is some 50x slower than a product here). With s = [x >= 0]
+        # in {0, 1}: Phi = (1 - tail) s + tail (1 - s), exact, since products by 0 or 1
+        # and adding 0 round nothing.
+        s = np.greater_equal(xs, 0.0, out=np.empty_like(t))  # s = [x >= 0], 0.0 or 1.0
+        upper = np.subtract(1.0, t)  # 1 - tail
+        np.multiply(upper, s, out=upper)
+        np.subtract(1.0, s, out=s)
+        np.multiply(t, s, out=t)
+        np.add(t, upper, out=t)  # cdf = Phi(x)
         density = np.multiply(xs, -0.5, out=z)
         np.multiply(density, xs, out=density)  # -x^2 / 2
         np.exp(density, out=density)
