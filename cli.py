@@ -639,58 +639,29 @@ def generate(
     attention: str,
 ) -> None:
     """Continue PROMPT with a GPT-2 model, printing the tokens as they come."""
-    import itertools
-    import time
-
-    from tinytx.generate import GenerationError, check_sampling, load_text_model
+    from tinytx.generate import GenerationError, start_text_generation
     from tinytx.plugins import AttentionError
     from tinytx.pretrained import CheckpointError
 
     attention = _attention_name(attention)
-    backend = _backend(ctx)
     seed = _seed(ctx) if sampling_seed is None else sampling_seed
-    try:
-        check_sampling(temperature, top_k, top_p)
-        if model_path is None:
-            from tinytx.shipped import SHIPPED_NOTE, load_default_text_model
-
-            text_model = load_default_text_model(backend=backend, attention=attention)
-            click.echo(SHIPPED_NOTE, err=True)
-        else:
-            text_model = load_text_model(model_path, backend=backend, attention=attention)
-        pieces = text_model.stream(
-            prompt,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_token=text_model.eos_token_id if stop else None,
-            use_cache=not no_cache,
-        )
-    except (GenerationError, CheckpointError) as err:
+    try:  # the prefill and the first step, where most failures show, run before any output
+        run = start_text_generation(
+            model_path, prompt, max_new_tokens, backend=_backend(ctx), attention=attention,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+            use_cache=not no_cache, note=lambda message: click.echo(message, err=True),
+        )  # fmt: skip
+    except (GenerationError, CheckpointError, AttentionError) as err:
         raise CommandError(str(err)) from None
-    start, tokens = time.perf_counter(), 0
-    try:  # the prefill and the first step, where most failures show, before any output
-        first = list(itertools.islice(pieces, 1))
-    except (GenerationError, AttentionError) as err:
-        raise CommandError(_one_line(err)) from None
     click.echo(prompt, nl=False)
     try:
-        for piece in itertools.chain(first, pieces):  # one piece of text per generated token
+        for piece in run:  # one piece of text per generated token
             click.echo(piece, nl=False)  # echo flushes: each piece shows as soon as it exists
-            tokens += 1
     except (GenerationError, AttentionError) as err:
         click.echo()  # the error goes to stderr on a line of its own
-        raise CommandError(_one_line(err)) from None
-    seconds = time.perf_counter() - start
+        raise CommandError(str(err)) from None
     click.echo()
-    cache = "off" if no_cache else "on"
-    rate = tokens / max(seconds, 1e-9)
-    click.echo(
-        f"[{tokens} tokens in {seconds:.2f} s ({rate:.1f}/s), {backend.name}, cache {cache}]",
-        err=True,
-    )
+    click.echo(run.summary(), err=True)
 
 
 # --- train ------------------------------------------------------------------------------------

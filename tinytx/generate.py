@@ -22,9 +22,11 @@ logits, at a cost that grows with the length.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,10 +37,12 @@ __all__ = [
     "NonFiniteLogitsError",
     "Step",
     "TextModel",
+    "TextRun",
     "check_sampling",
     "generate",
     "load_text_model",
     "sample_next",
+    "start_text_generation",
     "stream",
     "stream_text",
 ]
@@ -325,6 +329,77 @@ def load_text_model(path: Any, *, backend: Any = None, attention: str = "softmax
     eos = config.get("eos_token_id")
     eos = eos if isinstance(eos, int) and 0 <= eos < model.config.vocab_size else None
     return TextModel(model, tokenizer, eos)
+
+
+class TextRun:
+    """A generation under way: iterate for the pieces of text (one per generated token),
+    then :meth:`summary` for the count, time and rate.
+
+    Created by :func:`start_text_generation`, which has already run the prefill and the
+    first step, where most failures show, so a caller can report them before printing.
+    """
+
+    def __init__(self, pieces: Iterator[str], backend_name: str, use_cache: bool) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self._first = list(itertools.islice(pieces, 1))  # the prefill and the first step
+        self._pieces = pieces
+        self._backend_name = backend_name
+        self._use_cache = use_cache
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in itertools.chain(self._first, self._pieces):
+            yield piece
+            self.tokens += 1
+        self.seconds = time.perf_counter() - self.start
+
+    def summary(self) -> str:
+        """``[N tokens in S s (R/s), backend, cache on|off]``, after the pieces are consumed."""
+        cache = "on" if self._use_cache else "off"
+        rate = self.tokens / max(self.seconds, 1e-9)
+        return (
+            f"[{self.tokens} tokens in {self.seconds:.2f} s ({rate:.1f}/s), "
+            f"{self._backend_name}, cache {cache}]"
+        )
+
+
+def start_text_generation(
+    model_path: Any,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    backend: Any,
+    attention: str = "softmax",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop: bool = True,
+    use_cache: bool = True,
+    note: Callable[[str], None] | None = None,
+) -> TextRun:
+    """What ``tinytx generate`` runs: check the sampling options, load the GPT-2 folder
+    ``model_path`` (None: tinytx's shipped model, said through ``note``), and start
+    continuing ``prompt`` (stopping at the model's end-of-text token when ``stop``).
+
+    Raises GenerationError for bad options or a failing first step, CheckpointError for a
+    folder that is not a GPT-2 one, AttentionError when the variant fails.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if model_path is None:
+        from tinytx.shipped import SHIPPED_NOTE, load_default_text_model
+
+        text_model = load_default_text_model(backend=backend, attention=attention)
+        if note is not None:
+            note(SHIPPED_NOTE)
+    else:
+        text_model = load_text_model(model_path, backend=backend, attention=attention)
+    pieces = text_model.stream(
+        prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        stop_token=text_model.eos_token_id if stop else None, use_cache=use_cache,
+    )  # fmt: skip
+    return TextRun(pieces, text_model.model.backend.name, use_cache)
 
 
 def generate(
