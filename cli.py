@@ -341,12 +341,6 @@ def _texts(texts: tuple[str, ...], file: Any) -> list[str]:
     return found
 
 
-def _short(text: str, width: int) -> str:
-    from tinytx.embedding import shorten
-
-    return shorten(text, width)
-
-
 def _model_options(fn: Any) -> Any:
     """--model and --batch-size, shared by embed and similarity."""
     fn = click.option(
@@ -486,20 +480,30 @@ def attention_map(
     from tinytx.embedding import attention_map as attention_map_of
     from tinytx.plot import PlotUnavailable
     from tinytx.plugins import AttentionError
+    from tinytx.tasks import TaskError
+    from tinytx.translate import cross_attention_map
 
     use_colour = sys.stdout.isatty() if color is None else color
+    if cross and model_path is None:
+        raise click.UsageError("--cross needs --model DIR, a trained seq2seq folder")
     if cross:
-        _cross_attention_map(ctx, text, layer, head, all_heads, output, model_path, color)
-        return
-    model = _load_attention_model(ctx, model_path, _attention_name(attention))
+        model = _load_seq2seq(ctx, model_path)
+    else:
+        model = _load_attention_model(ctx, model_path, _attention_name(attention))
     try:
-        drawn = attention_map_of(
-            model, text, layer=layer or 0, head=head or 0, all_heads=all_heads, row=row,
-            colour=use_colour, output=output,
-        )  # fmt: skip
+        if cross:
+            drawn = cross_attention_map(
+                model, text, layer=layer, head=head, all_heads=all_heads, colour=use_colour,
+                output=output,
+            )  # fmt: skip
+        else:
+            drawn = attention_map_of(
+                model, text, layer=layer or 0, head=head or 0, all_heads=all_heads, row=row,
+                colour=use_colour, output=output,
+            )  # fmt: skip
     except OptionError as err:
         raise click.BadParameter(str(err), param_hint=f"'--{err.option}'") from None
-    except (AttentionError, PlotUnavailable, ValueError) as err:  # ValueError: empty text
+    except (AttentionError, TaskError, PlotUnavailable, ValueError) as err:  # or empty text
         raise CommandError(_one_line(err)) from None
     except OSError as err:
         raise CommandError(f"cannot write {output}: {err.strerror or err}") from None
@@ -543,52 +547,6 @@ def translate_command(
         raise CommandError(_one_line(err)) from None
     for out in outputs:
         click.echo(out)
-
-
-def _cross_attention_map(
-    ctx: click.Context,
-    text: str,
-    layer: int | None,
-    head: int | None,
-    all_heads: bool,
-    output: str | None,
-    model_path: str | None,
-    color: bool | None,
-) -> None:
-    """attention-map --cross: where each output character of a seq2seq model looked."""
-    from tinytx.tasks import TaskError
-    from tinytx.translate import cross_attention
-    from tinytx.viz import heatmap
-
-    if model_path is None:
-        raise click.UsageError("--cross needs --model DIR, a trained seq2seq folder")
-    model = _load_seq2seq(ctx, model_path)
-    try:
-        seen = cross_attention(model, text)
-        weights, name = seen.select(layer, head, all_heads=all_heads)
-    except (TaskError, ValueError) as err:
-        raise CommandError(_one_line(err)) from None
-    use_colour = sys.stdout.isatty() if color is None else color
-    grids = weights if all_heads else weights[None]  # (heads shown, output, source)
-    for h, grid in enumerate(grids):
-        title = f"{name}{f' ({h})' if all_heads else ''}: row = output, column = source"
-        click.echo(heatmap(grid, seen.output, seen.source, colour=use_colour, title=title),
-                   color=use_colour)  # fmt: skip
-        click.echo()
-    if output:
-        from tinytx.plot import PlotUnavailable, save_attention_png
-
-        titles = [f"head {h}" for h in range(len(grids))] if all_heads else None
-        try:
-            path = save_attention_png(
-                weights, seen.source, output, row_tokens=seen.output, head_titles=titles,
-                title=f"cross-attention, {name}: {_short(text, 50)}",
-            )  # fmt: skip
-        except PlotUnavailable as err:
-            raise CommandError(str(err)) from None
-        except OSError as err:
-            raise CommandError(f"cannot write {output}: {err.strerror or err}") from None
-        click.echo(f"wrote {path}")
 
 
 # --- generate -------------------------------------------------------------------------------

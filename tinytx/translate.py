@@ -35,6 +35,7 @@ __all__ = [
     "Hypothesis",
     "beam_search",
     "cross_attention",
+    "cross_attention_map",
     "greedy_decode",
     "score_sequences",
     "translate",
@@ -325,3 +326,43 @@ def cross_attention(model: Any, text: str) -> CrossAttention:
         output.append(tokenizer.id_to_token(token))
     source = [tokenizer.id_to_token(int(i)).replace(" ", "␣") for i in ids[0]]
     return CrossAttention(source, output, np.stack(rows, axis=2))  # (layers, heads, T, S)
+
+
+def cross_attention_map(
+    model: Any,
+    text: str,
+    *,
+    layer: int | None = None,
+    head: int | None = None,
+    all_heads: bool = False,
+    colour: bool = False,
+    output: str | None = None,
+) -> Any:
+    """What ``tinytx attention-map --cross`` draws: where each output character looked in
+    ``text``, as terminal heatmaps (row = output, column = source) of the weights that
+    :meth:`CrossAttention.select` picks; with ``output``, also a labelled PNG.
+
+    Returns a :class:`tinytx.embedding.AttentionMap`. ValueError for a layer or head out
+    of range; PlotUnavailable without matplotlib; OSError when the PNG cannot be written.
+    """
+    from tinytx.embedding import AttentionMap, shorten
+    from tinytx.viz import heatmap
+
+    seen = cross_attention(model, text)
+    weights, name = seen.select(layer, head, all_heads=all_heads)
+    grids = weights if all_heads else weights[None]  # (heads shown, output, source)
+    parts = []
+    for h, grid in enumerate(grids):
+        title = f"{name}{f' ({h})' if all_heads else ''}: row = output, column = source"
+        parts += [heatmap(grid, seen.output, seen.source, colour=colour, title=title), ""]
+    result = AttentionMap("\n".join(parts))
+    if output:
+        from tinytx.plot import save_attention_png
+
+        titles = [f"head {h}" for h in range(len(grids))] if all_heads else None
+        title = f"cross-attention, {name}: {shorten(text, 50)}"
+        png = save_attention_png(
+            weights, seen.source, output, row_tokens=seen.output, head_titles=titles, title=title
+        )
+        result.png = str(png)
+    return result
