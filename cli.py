@@ -658,46 +658,18 @@ def train(ctx: click.Context, **options: Any) -> None:
     With --task, train a seq2seq model (tinytx translate DIR runs it) on generated examples.
     """
     from tinytx.data import CorpusError
-    from tinytx.train import TrainError, TrainingDiverged, train_gpt
+    from tinytx.tasks import TaskError
+    from tinytx.train import TrainError, TrainingDiverged, summary_line, train_model
 
     options["seed"] = options.pop("train_seed")
-    task = options.pop("task")
-    if task is not None:
-        _train_task(ctx, task, options)
-        return
-    if options["attention"] is not None:
+    if options["attention"] is not None and options["task"] is None:
         options["attention"] = _attention_name(options["attention"])
     try:
         echo = lambda message: click.echo(message, err=True)  # noqa: E731
-        metrics = train_gpt(backend=_backend(ctx), echo=echo, **options)
-    except (TrainError, CorpusError, TrainingDiverged) as err:
+        metrics = train_model(backend=_backend(ctx), echo=echo, **options)
+    except (TrainError, CorpusError, TaskError, TrainingDiverged) as err:
         raise CommandError(str(err)) from None
-    out = options["resume"] or options["out"]
-    click.echo(
-        f"{metrics['steps']} steps in {metrics['seconds']:.1f} s "
-        f"({metrics['tokens_per_second']:,.0f} tokens/s): train loss {metrics['train_loss']:.4f}, "
-        f"val loss {metrics['val_loss']:.4f} nats/token; model in {out}"
-    )
-    if metrics.get("interrupted"):
-        ctx.exit(130)
-
-
-def _train_task(ctx: click.Context, task: str, options: dict[str, Any]) -> None:
-    """tinytx train --task NAME: a Seq2Seq on generated examples (--preset is the GPT's)."""
-    from tinytx.tasks import TaskError, train_seq2seq
-    from tinytx.train import TrainError, TrainingDiverged
-
-    options.pop("preset")
-    try:
-        echo = lambda message: click.echo(message, err=True)  # noqa: E731
-        metrics = train_seq2seq(task=task, backend=_backend(ctx), echo=echo, **options)
-    except (TaskError, TrainError, TrainingDiverged) as err:
-        raise CommandError(str(err)) from None
-    click.echo(
-        f"{metrics['steps']} steps in {metrics['seconds']:.1f} s: exact match "
-        f"{metrics['exact_match']:.3f} on 1000 held-out examples, val loss "
-        f"{metrics['val_loss']:.4f} nats/token; model in {options['resume'] or options['out']}"
-    )
+    click.echo(summary_line(metrics, options["resume"] or options["out"]))
     if metrics.get("interrupted"):
         ctx.exit(130)
 

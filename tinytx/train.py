@@ -44,7 +44,9 @@ __all__ = [
     "nanogpt_init",
     "run",
     "settings_for",
+    "summary_line",
     "train_gpt",
+    "train_model",
 ]
 
 CHECKPOINT = "checkpoint"  # DIR/checkpoint/: what --resume reads
@@ -794,3 +796,35 @@ def train_gpt(
         backend=backend, eval_batches=settings.eval_batches, seed=settings.seed,
     )  # fmt: skip
     return run(model, task, settings, out, resume=resume is not None, progress=progress, echo=echo)
+
+
+def train_model(
+    *, task: str | None = None, preset: str = "nanogpt-cpu", **options: Any
+) -> dict[str, Any]:
+    """What ``tinytx train`` runs: :func:`train_gpt` with ``preset``, or with ``task``
+    (``"dates"``, ``"reverse"``) :func:`tinytx.tasks.train_seq2seq`, which has its own
+    presets (``preset`` is the GPT's and is not used). ``options`` go to either. Returns
+    the metrics; see :func:`summary_line`.
+    """
+    if task is None:
+        return train_gpt(preset=preset, **options)
+    from tinytx.tasks import train_seq2seq
+
+    return train_seq2seq(task=task, **options)
+
+
+def summary_line(metrics: dict[str, Any], out: str | Path) -> str:
+    """One line on a finished run of :func:`train_model` that wrote the folder ``out``:
+    steps, time and the losses (a GPT: tokens per second and train loss; a seq2seq task:
+    exact match on the held-out examples)."""
+    if "exact_match" in metrics:
+        return (
+            f"{metrics['steps']} steps in {metrics['seconds']:.1f} s: exact match "
+            f"{metrics['exact_match']:.3f} on 1000 held-out examples, val loss "
+            f"{metrics['val_loss']:.4f} nats/token; model in {out}"
+        )
+    return (
+        f"{metrics['steps']} steps in {metrics['seconds']:.1f} s "
+        f"({metrics['tokens_per_second']:,.0f} tokens/s): train loss {metrics['train_loss']:.4f}, "
+        f"val loss {metrics['val_loss']:.4f} nats/token; model in {out}"
+    )
