@@ -682,18 +682,57 @@ def bench() -> None:
     """Benchmarks: print a table, write JSON. Compare with the named peer as a ratio."""
 
 
+def _bench_options(
+    *, repeats: int, warmup: int | None, threads: int | None, threads_help: str, pause: bool = False
+) -> Any:
+    """--threads, --repeats, --warmup (unless None), --pause (when asked) and --json: the
+    options every benchmark shares, with this benchmark's defaults."""
+
+    def decorate(fn: Any) -> Any:
+        fn = click.option(
+            "--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here."
+        )(fn)
+        if pause:
+            fn = click.option(
+                "--pause",
+                type=click.FloatRange(min=0),
+                default=0.2,
+                show_default=True,
+                help="Rest before each timed run (s), so the other side's idle BLAS threads "
+                "stop spinning.",
+            )(fn)
+        if warmup is not None:
+            fn = click.option(
+                "--warmup", type=click.IntRange(min=0), default=warmup, show_default=True
+            )(fn)
+        fn = click.option(
+            "--repeats", type=click.IntRange(min=1), default=repeats, show_default=True
+        )(fn)
+        return click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=threads,
+            show_default=threads is not None,
+            help=threads_help,
+        )(fn)
+
+    return decorate
+
+
+def _report(text: str, result: Any, json_path: str | None) -> None:
+    """Print a benchmark's table; with --json, write the JSON and say so."""
+    from tinytx.bench.common import report
+
+    report(text, result, json_path, echo=click.echo)
+
+
+def _progress(line: str) -> None:
+    click.echo(line, err=True)
+
+
 @bench.command("encoder")
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="Same for BLAS, tinytx and torch."
-)
-@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option(
-    "--pause",
-    type=click.FloatRange(min=0),
-    default=0.2,
-    show_default=True,
-    help="Rest before each timed run (s), so the other side's idle BLAS threads stop spinning.",
+@_bench_options(
+    repeats=7, warmup=2, threads=None, threads_help="Same for BLAS, tinytx and torch.", pause=True
 )
 @click.option(
     "--case",
@@ -703,7 +742,6 @@ def bench() -> None:
     help="Run only these cases (repeatable).",
 )
 @click.option("--no-torch", is_flag=True, help="Time tinytx alone.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
 @click.pass_context
 def bench_encoder(
     ctx: click.Context,
@@ -716,40 +754,21 @@ def bench_encoder(
     json_path: str | None,
 ) -> None:
     """Post-norm EncoderBlock and attention alone against torch, same weights and threads."""
-    from tinytx.bench.common import write_json
+    from tinytx.bench.common import disagreeing_cases
     from tinytx.bench.encoder import format_results, run
 
     result = run(
-        _backend(ctx).name,
-        threads,
-        repeats,
-        warmup=warmup,
-        pause=pause,
-        cases=list(cases) or None,
-        use_torch=not no_torch,
-    )
-    click.echo(format_results(result))
-    if json_path:
-        write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
-    wrong = [r["case"] for r in result["results"] if r.get("outputs_agree") is False]
+        _backend(ctx).name, threads, repeats, warmup=warmup, pause=pause,
+        cases=list(cases) or None, use_torch=not no_torch,
+    )  # fmt: skip
+    _report(format_results(result), result, json_path)
+    wrong = disagreeing_cases(result, "outputs_agree")
     if wrong:
         raise CommandError(f"tinytx and torch disagree on {', '.join(wrong)}")
 
 
 @bench.command("backward")
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Same for both."
-)
-@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option(
-    "--pause",
-    type=click.FloatRange(min=0),
-    default=0.2,
-    show_default=True,
-    help="Rest before each timed run (s), so the other side's idle BLAS threads stop spinning.",
-)
+@_bench_options(repeats=7, warmup=2, threads=2, threads_help="Same for both.", pause=True)
 @click.option(
     "--case",
     "cases",
@@ -765,7 +784,6 @@ def bench_encoder(
     help="Sequence length of the softmax/blockwise memory comparison.",
 )
 @click.option("--no-torch", is_flag=True, help="Time tinytx alone.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
 @click.pass_context
 def bench_backward(
     ctx: click.Context,
@@ -780,24 +798,14 @@ def bench_backward(
 ) -> None:
     """Forward + backward (encoder block, GPT step) against torch; attention's memory."""
     from tinytx.bench.backward import format_results, run
-    from tinytx.bench.common import write_json
+    from tinytx.bench.common import disagreeing_cases
 
     result = run(
-        _backend(ctx).name,
-        threads,
-        repeats,
-        warmup=warmup,
-        pause=pause,
-        cases=list(cases) or None,
-        seq=seq,
-        use_torch=not no_torch,
-        progress=lambda line: click.echo(line, err=True),
-    )
-    click.echo(format_results(result))
-    if json_path:
-        write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
-    wrong = [r["case"] for r in result["results"] if r.get("grads_agree") is False]
+        _backend(ctx).name, threads, repeats, warmup=warmup, pause=pause,
+        cases=list(cases) or None, seq=seq, use_torch=not no_torch, progress=_progress,
+    )  # fmt: skip
+    _report(format_results(result), result, json_path)
+    wrong = disagreeing_cases(result, "grads_agree")
     if wrong:
         raise CommandError(f"tinytx's and torch's gradients disagree on {', '.join(wrong)}")
 
@@ -813,10 +821,7 @@ def bench_backward(
 @click.option(
     "--variant", "variants", multiple=True, help="Variant to time (repeatable; default all)."
 )
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="BLAS/tinytx threads.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
+@_bench_options(repeats=3, warmup=1, threads=None, threads_help="BLAS/tinytx threads.")
 @click.pass_context
 def bench_attention(
     ctx: click.Context,
@@ -829,23 +834,13 @@ def bench_attention(
 ) -> None:
     """Time every attention variant and record its peak memory (batch 1, 8 heads, d 64)."""
     from tinytx.bench.attention import DEFAULT_SEQS, format_results, run
-    from tinytx.bench.common import write_json
 
     names = [_attention_name(v, param_hint="'--variant'") for v in variants]
-    backend = _backend(ctx)
     result = run(
-        backend.name,
-        seqs=seqs or DEFAULT_SEQS,
-        variants=names or None,
-        repeats=repeats,
-        warmup=warmup,
-        threads=threads,
-        progress=lambda line: click.echo(line, err=True),
-    )
-    click.echo(format_results(result))
-    if json_path:
-        write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
+        _backend(ctx).name, seqs=seqs or DEFAULT_SEQS, variants=names or None, repeats=repeats,
+        warmup=warmup, threads=threads, progress=_progress,
+    )  # fmt: skip
+    _report(format_results(result), result, json_path)
 
 
 @bench.command("generate")
@@ -856,12 +851,8 @@ def bench_attention(
     multiple=True,
     help="Context length (repeatable; default 64 128 256 512 1024).",
 )
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Same for both."
-)
+@_bench_options(repeats=3, warmup=None, threads=2, threads_help="Same for both.")
 @click.option("--no-transformers", is_flag=True, help="Time tinytx alone.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
 @click.pass_context
 def bench_generate(
     ctx: click.Context,
@@ -872,35 +863,21 @@ def bench_generate(
     json_path: str | None,
 ) -> None:
     """GPT-2-small-shaped generation, cache on/off, against transformers' generate."""
-    from tinytx.bench.common import write_json
     from tinytx.bench.generate import CONTEXTS, format_results, run
 
-    backend = _backend(ctx)
     result = run(
-        backend.name,
-        threads,
-        contexts or CONTEXTS,
-        repeats=repeats,
-        use_transformers=not no_transformers,
-        progress=lambda line: click.echo(line, err=True),
-    )
-    click.echo(format_results(result))
-    if json_path:
-        write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
+        _backend(ctx).name, threads, contexts or CONTEXTS, repeats=repeats,
+        use_transformers=not no_transformers, progress=_progress,
+    )  # fmt: skip
+    _report(format_results(result), result, json_path)
 
 
 @bench.command("embed")
 @click.option("--model", "model_path", default=None, help=_DEFAULT_MODEL_HELP)
 @click.option("--sentences", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Same for both."
-)
+@_bench_options(repeats=5, warmup=1, threads=2, threads_help="Same for both.")
 @click.option("--no-peer", is_flag=True, help="Time tinytx alone (no sentence-transformers).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
 @click.pass_context
 def bench_embed(
     ctx: click.Context,
@@ -914,7 +891,6 @@ def bench_embed(
     json_path: str | None,
 ) -> None:
     """Sentence embeddings per second, tinytx against sentence-transformers (torch CPU)."""
-    from tinytx.bench.common import write_json
     from tinytx.bench.embed import format_results, run
     from tinytx.pretrained import CheckpointError
 
@@ -922,33 +898,19 @@ def bench_embed(
     folder = model_path if model_path is not None else _default_model_folder()
     try:
         result = run(
-            backend.name,
-            threads,
-            repeats,
-            model_path=folder,
-            n_sentences=sentences,
-            batch_size=batch_size,
-            warmup=warmup,
-            use_peer=not no_peer,
-        )
+            backend.name, threads, repeats, model_path=folder, n_sentences=sentences,
+            batch_size=batch_size, warmup=warmup, use_peer=not no_peer,
+        )  # fmt: skip
     except CheckpointError as err:
         raise CommandError(_one_line(err)) from None
-    click.echo(format_results(result))
-    if json_path:
-        write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
+    _report(format_results(result), result, json_path)
     if result.get("outputs_agree") is False:
         raise CommandError("tinytx and sentence-transformers disagree (see max |difference|)")
 
 
 @bench.command("train")
-@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@_bench_options(repeats=7, warmup=3, threads=2, threads_help="Same for both.")
 @click.option("--steps-per-run", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Same for both."
-)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write JSON here.")
 @click.pass_context
 def bench_train(
     ctx: click.Context,
@@ -959,7 +921,7 @@ def bench_train(
     json_path: str | None,
 ) -> None:
     """A nanogpt-cpu training step (forward, backward, AdamW) against PyTorch eager."""
-    from tinytx.bench.common import torch_or_none, write_json
+    from tinytx.bench.common import torch_or_none
     from tinytx.bench.train import format_results, run
 
     if torch_or_none() is None:
@@ -968,10 +930,7 @@ def bench_train(
         _backend(ctx).name, threads=threads, repeats=repeats, warmup=warmup,
         steps_per_run=steps_per_run,
     )  # fmt: skip
-    click.echo(format_results(result))
-    if json_path:
-        write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
+    _report(format_results(result), result, json_path)
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    add_timing_arguments,
     describe_machine,
     format_table,
     machine_info,
+    report,
     set_threads,
     time_alternating,
-    write_json,
 )
 
 __all__ = ["DEFAULT_SEQS", "format_results", "main", "peak_memory", "run"]
@@ -219,15 +220,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="benchmarks/attention.py",
         description="Time every attention variant and record its peak memory (seq 256..8192).",
     )
-    parser.add_argument("--backend", default="numpy", help="numpy, strict or cupy (default numpy)")
+    add_timing_arguments(parser, threads=None, repeats=3, warmup=1, pause=0.1)
     parser.add_argument("--seq", type=int, action="append", help="a sequence length (repeatable)")
     parser.add_argument(
         "--variant", action="append", help="a variant name (repeatable; default all)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    parser.add_argument("--threads", type=int, default=None, help="threads for BLAS and tinytx")
-    parser.add_argument("--pause", type=float, default=0.1, help="rest before each run (s)")
     parser.add_argument("--json", help="write the results as JSON to this file")
     return parser
 
@@ -247,8 +244,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, AttentionError, tinytx.BackendUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_results(result))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+    report(format_results(result), result, args.json)
     return 0

@@ -40,12 +40,14 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    add_timing_arguments,
+    disagreeing_cases,
     format_table,
     machine_info,
+    report,
     set_threads,
     time_alternating,
     torch_or_none,
-    write_json,
 )
 
 __all__ = ["CASES", "attention_memory", "format_results", "main", "run"]
@@ -354,15 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/backward.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--backend", default="numpy", help="tinytx backend (default numpy)")
-    parser.add_argument(
-        "--threads", type=int, default=2, help="threads for BLAS, tinytx and torch (default 2)"
-    )
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per side (7)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (2)")
-    parser.add_argument(
-        "--pause", type=float, default=0.2, help="seconds of rest before each timed run (0.2)"
-    )
+    add_timing_arguments(parser, threads=2, repeats=7, warmup=2, pause=0.2)
     parser.add_argument(
         "--case",
         action="append",
@@ -396,11 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, tinytx.BackendUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_results(result))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    wrong = [r["case"] for r in result["results"] if r.get("grads_agree") is False]
+    report(format_results(result), result, args.json)
+    wrong = disagreeing_cases(result, "grads_agree")
     if wrong:
         print(f"error: tinytx's and torch's gradients disagree on {', '.join(wrong)}",
               file=sys.stderr)  # fmt: skip

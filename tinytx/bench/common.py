@@ -7,6 +7,7 @@ and the median of several runs is reported with the ratio of the medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,9 +21,12 @@ import numpy as np
 
 __all__ = [
     "Timing",
+    "add_timing_arguments",
     "describe_machine",
+    "disagreeing_cases",
     "format_table",
     "machine_info",
+    "report",
     "set_threads",
     "time_alternating",
     "torch_or_none",
@@ -239,3 +243,52 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def report(
+    text: str, result: Mapping[str, Any], json_path: str | None, echo: Callable[[str], Any] = print
+) -> None:
+    """Print a benchmark's formatted ``text``; with ``json_path``, also write ``result``
+    there as JSON and say so (what every benchmark's script and command do)."""
+    echo(text)
+    if json_path:
+        write_json(json_path, result)
+        echo(f"wrote {json_path}")
+
+
+def disagreeing_cases(result: Mapping[str, Any], key: str) -> list[str]:
+    """The cases of ``result["results"]`` whose ``key`` (``outputs_agree``, ``grads_agree``)
+    is False: a wrong result is never a speed-up."""
+    return [row["case"] for row in result["results"] if row.get(key) is False]
+
+
+def add_timing_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    threads: int | None,
+    repeats: int,
+    warmup: int | None,
+    pause: float | None = None,
+) -> argparse.ArgumentParser:
+    """The arguments every benchmark script shares: --backend, --threads, --repeats,
+    --warmup (unless None) and --pause (when given a default), with these defaults."""
+    parser.add_argument("--backend", default="numpy", help="tinytx backend (default numpy)")
+    threads_default = "library defaults" if threads is None else threads
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=threads,
+        help=f"threads for BLAS, tinytx and torch (default {threads_default})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help=f"timed runs per side ({repeats})"
+    )
+    if warmup is not None:
+        parser.add_argument(
+            "--warmup", type=int, default=warmup, help=f"untimed runs first ({warmup})"
+        )
+    if pause is not None:
+        parser.add_argument(
+            "--pause", type=float, default=pause, help=f"seconds of rest before each run ({pause})"
+        )
+    return parser

@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    add_timing_arguments,
     describe_machine,
     format_table,
     machine_info,
+    report,
     set_threads,
     time_alternating,
-    write_json,
 )
 
 __all__ = ["TARGET", "default_model_path", "main", "make_sentences", "run"]
@@ -199,15 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/embed.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--backend", default="numpy", help="tinytx backend (default numpy)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="threads for BLAS, tinytx and torch (default: library defaults)",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (1)")
+    add_timing_arguments(parser, threads=None, repeats=5, warmup=1)
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (32)")
     parser.add_argument("--sentences", type=int, default=256, help="how many texts (256)")
     parser.add_argument(
@@ -232,10 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError, CheckpointError, tinytx.BackendUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_results(result))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+    report(format_results(result), result, args.json)
     if result.get("outputs_agree") is False:
         print("error: tinytx and sentence-transformers disagree", file=sys.stderr)
         return 1

@@ -26,13 +26,15 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    add_timing_arguments,
     describe_machine,
+    disagreeing_cases,
     format_table,
     machine_info,
+    report,
     set_threads,
     time_alternating,
     torch_or_none,
-    write_json,
 )
 
 __all__ = ["CASES", "main", "run"]
@@ -207,18 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/encoder.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--backend", default="numpy", help="tinytx backend (default numpy)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="threads for BLAS, tinytx and torch (default: library defaults)",
-    )
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per side (7)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (2)")
-    parser.add_argument(
-        "--pause", type=float, default=0.2, help="seconds of rest before each timed run (0.2)"
-    )
+    add_timing_arguments(parser, threads=None, repeats=7, warmup=2, pause=0.2)
     parser.add_argument(
         "--case",
         action="append",
@@ -243,11 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, tinytx.BackendUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_results(result))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    wrong = [r["case"] for r in result["results"] if r.get("outputs_agree") is False]
+    report(format_results(result), result, args.json)
+    wrong = disagreeing_cases(result, "outputs_agree")
     if wrong:
         print(f"error: tinytx and torch disagree on {', '.join(wrong)}", file=sys.stderr)
         return 1

@@ -39,11 +39,12 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    add_timing_arguments,
     describe_machine,
     format_table,
     machine_info,
+    report,
     set_threads,
-    write_json,
 )
 
 __all__ = ["CONTEXTS", "main", "run"]
@@ -353,11 +354,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/generate.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--backend", default="numpy", help="tinytx backend (default numpy)")
-    parser.add_argument("--threads", type=int, default=2, help="threads for BLAS, tinytx, torch")
+    add_timing_arguments(parser, threads=2, repeats=3, warmup=None, pause=0.5)
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (3)")
-    parser.add_argument("--pause", type=float, default=0.5, help="rest before each run (0.5 s)")
     parser.add_argument("--no-transformers", action="store_true", help="time tinytx alone")
     parser.add_argument("--int8", action="store_true", help="also time weight-only int8")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -376,8 +374,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, tinytx.BackendUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_results(result))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+    report(format_results(result), result, args.json)
     return 0

@@ -32,10 +32,10 @@ import numpy as np
 from tinytx.bench.common import (
     format_table,
     machine_info,
+    report,
     set_threads,
     time_alternating,
     torch_or_none,
-    write_json,
 )
 
 __all__ = [
@@ -512,9 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="Write every number here.")
     args = parser.parse_args(argv)
     result = run(args.backend, threads=args.threads, repeats=args.repeats)
-    print(format_results(result))
-    if args.json:
-        write_json(args.json, result)
+    report(format_results(result), result, args.json)
     return 0
 
 
