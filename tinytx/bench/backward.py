@@ -46,7 +46,7 @@ from tinytx.bench.common import (
     machine_info,
     report,
     set_threads,
-    time_alternating,
+    time_against_torch,
     torch_or_none,
 )
 
@@ -271,25 +271,15 @@ def run(
     for name in (n for n in chosen if n in CASES):
         case = CASES[name]
         (ours, our_grads), theirs = case.build(backend, torch)
-        contenders = {"tinytx": ours} if theirs is None else {"tinytx": ours, "torch": theirs[0]}
-        timings = time_alternating(
-            contenders, repeats=repeats, warmup=warmup, pause=pause, sync=backend.synchronize
-        )
-        row: dict[str, Any] = {
-            "case": name,
-            "what": case.what,
-            "tinytx_ms": timings["tinytx"].median * 1e3,
-            "tinytx_runs_ms": [t * 1e3 for t in timings["tinytx"].seconds],
-        }
+        row = time_against_torch(
+            name, case.what, ours, None if theirs is None else theirs[0], repeats=repeats,
+            warmup=warmup, pause=pause, sync=backend.synchronize,
+        )  # fmt: skip
         if theirs is not None:
-            ratio = timings["tinytx"].median / timings["torch"].median
             diff = _worst_relative_difference(our_grads(), theirs[1]())
             row.update(
-                torch_ms=timings["torch"].median * 1e3,
-                torch_runs_ms=[t * 1e3 for t in timings["torch"].seconds],
-                ratio=ratio,
                 target=TARGET,
-                target_met=ratio <= TARGET,
+                target_met=row["ratio"] <= TARGET,
                 grad_rel_diff=diff,
                 tolerance=GRAD_TOLERANCE,
                 grads_agree=diff <= GRAD_TOLERANCE,

@@ -28,6 +28,7 @@ __all__ = [
     "machine_info",
     "report",
     "set_threads",
+    "time_against_torch",
     "time_alternating",
     "torch_or_none",
     "write_json",
@@ -122,6 +123,38 @@ def time_alternating(
             sync()
             timings[name].seconds.append(time.perf_counter() - start)
     return timings
+
+
+def time_against_torch(
+    case: str,
+    what: str,
+    ours: Callable[[], Any],
+    theirs: Callable[[], Any] | None,
+    *,
+    repeats: int,
+    warmup: int,
+    pause: float,
+    sync: Callable[[], None],
+) -> dict[str, Any]:
+    """Time ``ours`` (tinytx) and ``theirs`` (torch; None: tinytx alone) with
+    :func:`time_alternating`, and return a result row: ``case``, ``what``, ``tinytx_ms``
+    and its runs and, with torch, ``torch_ms``, its runs and ``ratio`` = tinytx / torch
+    (of the medians). The caller adds its target and agreement check."""
+    contenders = {"tinytx": ours} if theirs is None else {"tinytx": ours, "torch": theirs}
+    timings = time_alternating(contenders, repeats=repeats, warmup=warmup, pause=pause, sync=sync)
+    row: dict[str, Any] = {
+        "case": case,
+        "what": what,
+        "tinytx_ms": timings["tinytx"].median * 1e3,
+        "tinytx_runs_ms": [t * 1e3 for t in timings["tinytx"].seconds],
+    }
+    if theirs is not None:
+        row.update(
+            torch_ms=timings["torch"].median * 1e3,
+            torch_runs_ms=[t * 1e3 for t in timings["torch"].seconds],
+            ratio=timings["tinytx"].median / timings["torch"].median,
+        )
+    return row
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

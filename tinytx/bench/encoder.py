@@ -33,7 +33,7 @@ from tinytx.bench.common import (
     machine_info,
     report,
     set_threads,
-    time_alternating,
+    time_against_torch,
     torch_or_none,
 )
 
@@ -147,25 +147,15 @@ def run(
     for name in chosen:
         case = CASES[name]
         ours, theirs = case.build(backend, torch)
-        contenders = {"tinytx": ours} if theirs is None else {"tinytx": ours, "torch": theirs}
-        timings = time_alternating(
-            contenders, repeats=repeats, warmup=warmup, pause=pause, sync=backend.synchronize
-        )
-        row: dict[str, Any] = {
-            "case": name,
-            "what": case.what,
-            "tinytx_ms": timings["tinytx"].median * 1e3,
-            "tinytx_runs_ms": [t * 1e3 for t in timings["tinytx"].seconds],
-        }
+        row = time_against_torch(
+            name, case.what, ours, theirs, repeats=repeats, warmup=warmup, pause=pause,
+            sync=backend.synchronize,
+        )  # fmt: skip
         if theirs is not None:
             diff = float(np.max(np.abs(backend.to_numpy(ours()) - theirs().numpy())))
-            ratio = timings["tinytx"].median / timings["torch"].median
             row.update(
-                torch_ms=timings["torch"].median * 1e3,
-                torch_runs_ms=[t * 1e3 for t in timings["torch"].seconds],
-                ratio=ratio,
                 target=case.target,
-                target_met=ratio <= case.target,
+                target_met=row["ratio"] <= case.target,
                 max_abs_diff=diff,
                 tolerance=case.tolerance,
                 outputs_agree=diff <= case.tolerance,
