@@ -244,6 +244,20 @@ class Transformer(Module):
         values = check_lengths(src_lengths, batch, seq, "src_lengths")
         return None if values is None else padding_mask(values, seq, backend=self.backend)
 
+    def target_mask(self, tgt_lengths: Lengths, batch: int, seq: int) -> Array | None:
+        """The target keys a query may read, padding only (the decoder adds the causal
+        mask): (batch, 1, 1, T) boolean, or None."""
+        values = check_lengths(tgt_lengths, batch, seq, "tgt_lengths")
+        return None if values is None else padding_mask(values, seq, backend=self.backend)
+
+    @staticmethod
+    def _same_batch(src: Array, tgt: Array) -> None:
+        if src.shape[0] != tgt.shape[0]:
+            raise ValueError(
+                f"src and tgt must hold the same number of sequences, got {src.shape[0]} "
+                f"and {tgt.shape[0]}"
+            )
+
     # --- the two halves ----------------------------------------------------------------
 
     def encode(
@@ -283,8 +297,7 @@ class Transformer(Module):
             )
         batch, seen = tgt.shape[0], tgt.shape[1] + (0 if cache is None else cache.length)
         memory_mask = self.source_mask(src_lengths, batch, memory.shape[1])  # (b, 1, 1, S)
-        values = check_lengths(tgt_lengths, batch, seen, "tgt_lengths")
-        mask = None if values is None else padding_mask(values, seen, backend=self.backend)
+        mask = self.target_mask(tgt_lengths, batch, seen)  # (b, 1, 1, cached + T)
         return self.decoder(
             tgt, memory, mask=mask, memory_mask=memory_mask, cache=cache, memory_kv=memory_kv,
             return_weights=return_weights,
@@ -306,11 +319,7 @@ class Transformer(Module):
         src_lengths: Lengths = None,
         tgt_lengths: Lengths = None,
     ) -> Array:
-        if src.shape[0] != tgt.shape[0]:
-            raise ValueError(
-                f"src and tgt must hold the same number of sequences, got {src.shape[0]} "
-                f"and {tgt.shape[0]}"
-            )
+        self._same_batch(src, tgt)
         memory = self.encode(src, src_lengths=src_lengths)  # (batch, S, d_model)
         return self.decode(tgt, memory, src_lengths=src_lengths, tgt_lengths=tgt_lengths)
 
@@ -328,15 +337,10 @@ class Transformer(Module):
         saved states. src (batch, S, d_model), tgt (batch, T, d_model) -> (batch, T, d_model)."""
         self._embedded(src, "src")
         self._embedded(tgt, "tgt")
+        self._same_batch(src, tgt)
         batch = src.shape[0]
-        if tgt.shape[0] != batch:
-            raise ValueError(
-                f"src and tgt must hold the same number of sequences, got {batch} and "
-                f"{tgt.shape[0]}"
-            )
         memory_mask = self.source_mask(src_lengths, batch, src.shape[1])  # (b, 1, 1, S)
-        values = check_lengths(tgt_lengths, batch, tgt.shape[1], "tgt_lengths")
-        mask = None if values is None else padding_mask(values, tgt.shape[1], backend=self.backend)
+        mask = self.target_mask(tgt_lengths, batch, tgt.shape[1])  # (b, 1, 1, T)
         memory, encoder_saved = self.encoder.forward_and_save(src, mask=memory_mask)  # (b, S, d)
         out, decoder_saved = self.decoder.forward_and_save(
             tgt, memory, mask=mask, memory_mask=memory_mask
