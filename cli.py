@@ -176,11 +176,7 @@ def check_plugin(
         raise CommandError(str(err)) from None
     click.echo(report.table())
     if not report.passed:
-        raise CommandError(
-            f"attention {name!r} failed {len(report.failed)} of "
-            f"{len(report.results) - len(report.skipped)} properties on {backend.name}: "
-            + ", ".join(report.failed)
-        )
+        raise CommandError(report.failure_line())
 
 
 # --- demo -----------------------------------------------------------------------------------

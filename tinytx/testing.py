@@ -951,6 +951,15 @@ class ConformanceReport:
         lines.append(f"{tested} tested, {len(self.skipped)} skipped: {summary}")
         return "\n".join(lines)
 
+    def failure_line(self) -> str:
+        """One line on a failed check: ``attention 'x' failed 2 of 9 properties on numpy:
+        finite, normalized`` (what ``tinytx check-plugin`` ends with)."""
+        tested = len(self.results) - len(self.skipped)
+        return (
+            f"attention {self.variant!r} failed {len(self.failed)} of {tested} properties on "
+            f"{self.backend}: " + ", ".join(self.failed)
+        )
+
     def assert_passed(self) -> None:
         """Raise AssertionError with the table when a property failed (for use in tests)."""
         if not self.passed:
