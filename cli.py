@@ -181,6 +181,21 @@ def check_plugin(
 
 # --- demo -----------------------------------------------------------------------------------
 
+_ATTENTION_OPTION = click.option(
+    "--attention",
+    default="softmax",
+    show_default=True,
+    help="Attention variant (see `tinytx plugins`).",
+)
+_COLOR_OPTION = click.option(
+    "--color/--no-color", default=None, help="Colour the heatmap (default: on a terminal)."
+)
+
+
+def _use_colour(color: bool | None) -> bool:
+    """--color/--no-color, or colour when stdout is a terminal."""
+    return sys.stdout.isatty() if color is None else color
+
 
 @cli.command()
 @click.option(
@@ -196,12 +211,7 @@ def check_plugin(
     help="Which head's attention map to draw [default: 0; real weights: 1, the head that "
     "links 'it' to 'animal'].",
 )
-@click.option(
-    "--attention",
-    default="softmax",
-    show_default=True,
-    help="Attention variant (see `tinytx plugins`).",
-)
+@_ATTENTION_OPTION
 @click.option(
     "--weights",
     type=click.Choice(["auto", "pretrained", "gpt", "random"]),
@@ -213,9 +223,7 @@ def check_plugin(
     "GPT shipped with tinytx (causal); random: a small seeded encoder; auto: pretrained when "
     "installed, else gpt.",
 )
-@click.option(
-    "--color/--no-color", default=None, help="Colour the heatmap (default: on a terminal)."
-)
+@_COLOR_OPTION
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -233,7 +241,7 @@ def demo(
     from tinytx.plugins import AttentionError
     from tinytx.pretrained import CheckpointError
 
-    use_colour = sys.stdout.isatty() if color is None else color
+    use_colour = _use_colour(color)
     try:
         text = demo_text(
             backend=_backend(ctx), seed=_seed(ctx), attention=_attention_name(attention),
@@ -244,7 +252,7 @@ def demo(
             raise click.BadParameter(str(err), param_hint=f"'--{err.option}'") from None
         raise CommandError(str(err)) from None
     except (CheckpointError, AttentionError) as err:
-        raise CommandError(_one_line(err)) from None
+        raise CommandError(str(err)) from None
     click.echo(text, color=use_colour)
 
 
@@ -266,10 +274,6 @@ def _default_model_folder() -> str:
         raise CommandError(str(err)) from None
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(line.strip() for line in str(err).strip().splitlines())
-
-
 def _load_bert(ctx: click.Context, model_path: str | None, attention: str = "softmax") -> Any:
     """Load a BERT-family folder on the chosen backend; every problem is a one-line error."""
     from tinytx.embedding import load_encoder
@@ -280,7 +284,7 @@ def _load_bert(ctx: click.Context, model_path: str | None, attention: str = "sof
     try:
         return load_encoder(model_path, backend=_backend(ctx), attention=attention)
     except (CheckpointError, StateDictError, AttentionError) as err:
-        raise CommandError(_one_line(err)) from None
+        raise CommandError(str(err)) from None
 
 
 def _load_attention_model(ctx: click.Context, model_path: str | None, attention: str) -> Any:
@@ -294,7 +298,7 @@ def _load_attention_model(ctx: click.Context, model_path: str | None, attention:
     try:
         model, note = load_attention_model(model_path, backend=_backend(ctx), attention=attention)
     except (CheckpointError, StateDictError, AttentionError) as err:
-        raise CommandError(_one_line(err)) from None
+        raise CommandError(str(err)) from None
     if note:
         click.echo(note, err=True)
     return model
@@ -451,12 +455,8 @@ def similarity(
     help="A BERT-family or GPT-2 folder with tokenizer.json; default: all-MiniLM-L6-v2 "
     "when installed, else tinytx's shipped Shakespeare GPT (a causal map: lower-triangular).",
 )
-@click.option(
-    "--attention", default="softmax", show_default=True, help="Attention variant (see plugins)."
-)
-@click.option(
-    "--color/--no-color", default=None, help="Colour the heatmap (default: on a terminal)."
-)
+@_ATTENTION_OPTION
+@_COLOR_OPTION
 @click.pass_context
 def attention_map(
     ctx: click.Context,
@@ -479,7 +479,7 @@ def attention_map(
     from tinytx.tasks import TaskError
     from tinytx.translate import cross_attention_map
 
-    use_colour = sys.stdout.isatty() if color is None else color
+    use_colour = _use_colour(color)
     if cross and model_path is None:
         raise click.UsageError("--cross needs --model DIR, a trained seq2seq folder")
     if cross:
@@ -500,7 +500,7 @@ def attention_map(
     except OptionError as err:
         raise click.BadParameter(str(err), param_hint=f"'--{err.option}'") from None
     except (AttentionError, TaskError, PlotUnavailable, ValueError) as err:  # or empty text
-        raise CommandError(_one_line(err)) from None
+        raise CommandError(str(err)) from None
     except OSError as err:
         raise CommandError(f"cannot write {output}: {err.strerror or err}") from None
     _echo_warnings(drawn.warnings)
@@ -520,7 +520,7 @@ def _load_seq2seq(ctx: click.Context, model_path: str) -> Any:
     try:
         return Seq2Seq.load(model_path, backend=_backend(ctx))
     except CheckpointError as err:
-        raise CommandError(_one_line(err)) from None
+        raise CommandError(str(err)) from None
 
 
 @cli.command("translate")
@@ -540,7 +540,7 @@ def translate_command(
     try:
         outputs = translate(model, list(texts), beam_width=beam)
     except (TaskError, ValueError) as err:
-        raise CommandError(_one_line(err)) from None
+        raise CommandError(str(err)) from None
     for out in outputs:
         click.echo(out)
 
@@ -575,9 +575,7 @@ def translate_command(
     show_default=True,
     help="Stop at the model's end-of-text token (eos_token_id in config.json).",
 )
-@click.option(
-    "--attention", default="softmax", show_default=True, help="Attention variant (see plugins)."
-)
+@_ATTENTION_OPTION
 @click.pass_context
 def generate(
     ctx: click.Context,
@@ -898,7 +896,7 @@ def bench_embed(
             batch_size=batch_size, warmup=warmup, use_peer=not no_peer,
         )  # fmt: skip
     except CheckpointError as err:
-        raise CommandError(_one_line(err)) from None
+        raise CommandError(str(err)) from None
     _report(format_results(result), result, json_path)
     if result.get("outputs_agree") is False:
         raise CommandError("tinytx and sentence-transformers disagree (see max |difference|)")
