@@ -214,9 +214,7 @@ def _check_logits(model: Any, logits: np.ndarray, step: int, position: int) -> N
     if not (nan.any() or pos_inf.any() or no_choice.any()):
         return
     attention = getattr(getattr(model, "attention", None), "name", None)
-    suspects = (
-        f"its weights or its attention variant {attention!r}" if attention else "its weights"
-    )
+    suspects = f"its weights or its attention variant {attention!r}" if attention else "its weights"
     raise NonFiniteLogitsError(
         f"the model computed non-finite logits at step {step} (position {position}): "
         f"{int(nan.sum())} NaN and {int(pos_inf.sum())} +inf of {logits.size}; the prompt "
