@@ -309,11 +309,15 @@ def _echo_warnings(messages: list[str]) -> None:
         click.echo(f"Warning: {message}", err=True)
 
 
-def _embed(model: Any, texts: list[str], batch_size: int) -> Any:
-    """Embed with a progress bar (on stderr) when there is more than one batch, and
-    truncation warnings as one line each."""
+def _embed(
+    ctx: click.Context, args: tuple[str, ...], file: Any, model_path: str | None, batch_size: int
+) -> tuple[list[str], Any, Any]:
+    """The texts (TEXT... and --file), the model and the texts' embeddings: with a progress
+    bar (on stderr) when there is more than one batch, truncation warnings one line each."""
     from tinytx.embedding import embed_texts
 
+    texts = _texts(args, file)
+    model = _load_bert(ctx, model_path)
     if len(texts) <= batch_size:
         vectors, messages = embed_texts(model, texts, batch_size)
     else:
@@ -321,7 +325,7 @@ def _embed(model: Any, texts: list[str], batch_size: int) -> Any:
         with click.progressbar(length=len(texts), label="embedding", file=stderr) as bar:
             vectors, messages = embed_texts(model, texts, batch_size, progress=bar.update)
     _echo_warnings(messages)
-    return vectors
+    return texts, model, vectors
 
 
 def _texts(texts: tuple[str, ...], file: Any) -> list[str]:
@@ -388,9 +392,7 @@ def embed(
     """Sentence embeddings of TEXT... (mean-pooled, unit length), as sentence-transformers."""
     from tinytx.embedding import embeddings_json, embeddings_table
 
-    items = _texts(texts, text_file)
-    model = _load_bert(ctx, model_path)
-    vectors = _embed(model, items, batch_size)
+    items, model, vectors = _embed(ctx, texts, text_file, model_path, batch_size)
     if as_json:
         name = model_path or "all-MiniLM-L6-v2"
         click.echo(embeddings_json(items, vectors, name, model.backend.name))
@@ -415,9 +417,7 @@ def similarity(
     """Cosine similarity of every pair of TEXT... (1 = same direction, 0 = unrelated)."""
     from tinytx.embedding import similarity_json, similarity_table
 
-    items = _texts(texts, text_file)
-    model = _load_bert(ctx, model_path)
-    vectors = _embed(model, items, batch_size)
+    items, _, vectors = _embed(ctx, texts, text_file, model_path, batch_size)
     click.echo(similarity_json(items, vectors) if as_json else similarity_table(items, vectors))
 
 

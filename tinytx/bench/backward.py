@@ -48,6 +48,7 @@ from tinytx.bench.common import (
     set_threads,
     time_against_torch,
     torch_or_none,
+    with_verdicts,
 )
 
 __all__ = ["CASES", "attention_memory", "format_results", "main", "run"]
@@ -315,13 +316,7 @@ def format_results(result: dict[str, Any]) -> str:
         f"torch {machine.get('torch', 'not installed')}, BLAS {machine.get('blas', '?')}",
     ]
     if result["results"]:
-        rows = []
-        for r in result["results"]:
-            row = dict(r)
-            if "ratio" in r:
-                row["target"] = f"<= {r['target']}x " + ("met" if r["target_met"] else "MISSED")
-                row["grads"] = "ok" if r["grads_agree"] else f"WRONG (tol {r['tolerance']:g})"
-            rows.append(row)
+        rows = with_verdicts(result["results"], "grads_agree", "grads")
         columns = ["case", "tinytx_ms"]
         if result["torch"]:
             columns += ["torch_ms", "ratio", "target", "grad_rel_diff", "grads"]

@@ -30,6 +30,7 @@ __all__ = [
     "set_threads",
     "time_against_torch",
     "time_alternating",
+    "with_verdicts",
     "torch_or_none",
     "write_json",
 ]
@@ -155,6 +156,22 @@ def time_against_torch(
             ratio=timings["tinytx"].median / timings["torch"].median,
         )
     return row
+
+
+def with_verdicts(
+    results: Sequence[Mapping[str, Any]], agree_key: str, column: str
+) -> list[dict[str, Any]]:
+    """Rows for :func:`format_table`: each result of :func:`time_against_torch` that has a
+    torch side gets ``target`` in words (``<= 1.5x met`` or ``MISSED``) and, in ``column``,
+    whether ``agree_key`` held (``ok`` or ``WRONG (tol 1e-05)``)."""
+    rows = []
+    for r in results:
+        row = dict(r)
+        if "ratio" in r:
+            row["target"] = f"<= {r['target']}x " + ("met" if r["target_met"] else "MISSED")
+            row[column] = "ok" if r[agree_key] else f"WRONG (tol {r['tolerance']:g})"
+        rows.append(row)
+    return rows
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

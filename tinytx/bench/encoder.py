@@ -35,6 +35,7 @@ from tinytx.bench.common import (
     set_threads,
     time_against_torch,
     torch_or_none,
+    with_verdicts,
 )
 
 __all__ = ["CASES", "main", "run"]
@@ -176,13 +177,7 @@ def run(
 
 def format_results(result: dict[str, Any]) -> str:
     """The table printed by :func:`main`."""
-    rows = []
-    for r in result["results"]:
-        row = dict(r)
-        if "ratio" in r:
-            row["target"] = f"<= {r['target']}x " + ("met" if r["target_met"] else "MISSED")
-            row["agree"] = "ok" if r["outputs_agree"] else f"WRONG (tol {r['tolerance']:g})"
-        rows.append(row)
+    rows = with_verdicts(result["results"], "outputs_agree", "agree")
     columns = ["case", "tinytx_ms"]
     if result["torch"]:
         columns += ["torch_ms", "ratio", "target", "max_abs_diff", "agree"]
