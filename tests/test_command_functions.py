@@ -15,6 +15,7 @@ from tinytx.bench.common import (
     disagreeing_cases,
     report,
     time_against_torch,
+    with_verdicts,
 )
 from tinytx.generate import TextRun, load_text_model, start_text_generation
 from tinytx.plugins import AttentionError, get_attention
@@ -142,3 +143,17 @@ def test_time_against_torch_rows() -> None:
                               pause=0.0, sync=lambda: None)  # fmt: skip
     assert {"torch_ms", "torch_runs_ms", "ratio"} <= set(both)
     assert len(both["torch_runs_ms"]) == 2
+
+
+def test_with_verdicts_words_the_targets() -> None:
+    results = [
+        {"case": "a", "ratio": 1.2, "target": 1.5, "target_met": True, "ok": True,
+         "tolerance": 1e-5},
+        {"case": "b", "ratio": 2.0, "target": 1.5, "target_met": False, "ok": False,
+         "tolerance": 1e-5},
+        {"case": "c"},
+    ]  # fmt: skip
+    rows = with_verdicts(results, "ok", "agree")
+    assert [(r.get("target"), r.get("agree")) for r in rows] == [
+        ("<= 1.5x met", "ok"), ("<= 1.5x MISSED", "WRONG (tol 1e-05)"), (None, None)
+    ]  # fmt: skip
