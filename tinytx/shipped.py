@@ -46,8 +46,9 @@ __all__ = [
 # A held-out line (Hamlet is a validation play: the model never trained on it).
 DEMO_LINE = "To be, or not to be: that is"
 
-# The head `tinytx demo` draws by default on the shipped GPT: (layer, head).
-GPT_DEMO_HEAD = (0, 0)
+# The head `tinytx demo` draws by default on the shipped GPT: (layer, head). Layer 0, head 5
+# puts 0.95 of its weight on the previous character (measured on the first lines of Hamlet).
+GPT_DEMO_HEAD = (0, 5)
 
 SHIPPED_NOTE = "using tinytx's shipped model (a Shakespeare GPT); --model DIR for another"
 
