@@ -558,7 +558,12 @@ def translate_command(
 )
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=int, default=40, show_default=True, help="How many.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    help="0 = greedy [default: 0; with the shipped model 0.8, and --top-k 40].",
+)
 @click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens.")
 @click.option("--top-p", type=float, default=None, help="Sample from the nucleus, 0 < p <= 1.")
 @click.option(
@@ -582,7 +587,7 @@ def generate(
     model_path: str,
     prompt: str,
     max_new_tokens: int,
-    temperature: float,
+    temperature: float | None,
     top_k: int | None,
     top_p: float | None,
     sampling_seed: int | None,

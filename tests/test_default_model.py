@@ -169,8 +169,19 @@ def test_generation_with_a_seed_is_deterministic_and_backends_agree(backend, ref
 def test_generate_without_model_uses_the_shipped_one_and_says_so():
     result = CliRunner().invoke(cli, ["generate", "ROMEO:", "--max-new-tokens", "30"])
     assert result.exit_code == 0, result.output
-    assert "shipped model" in result.stderr and len(result.stderr.splitlines()) == 2
+    note, summary = result.stderr.splitlines()  # one line of note, one of timing
+    assert "shipped model" in note and "temperature 0.8, top-k 40" in note
     assert result.stdout.startswith("ROMEO:") and len(result.stdout) > len("ROMEO:")
+    again = CliRunner().invoke(cli, ["generate", "ROMEO:", "--max-new-tokens", "30"])
+    assert again.stdout == result.stdout  # sampled, but from the seed: the same text
+
+
+def test_generate_with_the_shipped_model_is_greedy_when_asked(reference):
+    args = ["generate", "ROMEO:", "--max-new-tokens", "60", "--temperature", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "ROMEO:" + reference["greedy_60"] + "\n"
+    assert "temperature" not in result.stderr.splitlines()[0]
 
 
 def test_attention_map_of_the_shipped_gpt_is_lower_triangular(monkeypatch):

@@ -369,7 +369,7 @@ def start_text_generation(
     *,
     backend: Any,
     attention: str = "softmax",
-    temperature: float = 0.0,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
@@ -381,16 +381,30 @@ def start_text_generation(
     ``model_path`` (None: tinytx's shipped model, said through ``note``), and start
     continuing ``prompt`` (stopping at the model's end-of-text token when ``stop``).
 
+    temperature None: greedy (0), except with the shipped model, whose greedy text soon
+    loops ("the streets of the streets"): there it samples at
+    :data:`tinytx.shipped.SHIPPED_SAMPLING` (0.8, and top-k 40 unless given), said in the note.
+
     Raises GenerationError for bad options or a failing first step, CheckpointError for a
     folder that is not a GPT-2 one, AttentionError when the variant fails.
     """
+    message = None
+    if model_path is None:
+        from tinytx.shipped import SHIPPED_NOTE, SHIPPED_SAMPLING
+
+        message = SHIPPED_NOTE
+        if temperature is None:
+            temperature, default_top_k = SHIPPED_SAMPLING
+            top_k = default_top_k if top_k is None else top_k
+            message += f"; temperature {temperature}, top-k {top_k}"
+    temperature = 0.0 if temperature is None else temperature
     check_sampling(temperature, top_k, top_p)
     if model_path is None:
-        from tinytx.shipped import SHIPPED_NOTE, load_default_text_model
+        from tinytx.shipped import load_default_text_model
 
         text_model = load_default_text_model(backend=backend, attention=attention)
         if note is not None:
-            note(SHIPPED_NOTE)
+            note(message)
     else:
         text_model = load_text_model(model_path, backend=backend, attention=attention)
     pieces = text_model.stream(

@@ -33,6 +33,7 @@ __all__ = [
     "DEMO_LINE",
     "GPT_DEMO_HEAD",
     "SHIPPED_NOTE",
+    "SHIPPED_SAMPLING",
     "CausalInspector",
     "LayerCounts",
     "default_model_path",
@@ -51,6 +52,9 @@ DEMO_LINE = "To be, or not to be: that is"
 GPT_DEMO_HEAD = (0, 5)
 
 SHIPPED_NOTE = "using tinytx's shipped model (a Shakespeare GPT); --model DIR for another"
+# tinytx generate's sampling with the shipped model when --temperature is not given:
+# (temperature, top_k). Greedy decoding of a small character model soon repeats a phrase.
+SHIPPED_SAMPLING = (0.8, 40)
 
 
 def load_default_text_model(
