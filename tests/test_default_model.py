@@ -275,3 +275,12 @@ def test_the_default_model_loads_offline_from_a_built_wheel(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(str(site / "tinytx" / "default_model"))
     assert "generated: " in run.stdout
+
+
+def test_generation_speed_reports_both_modes():
+    """The README's speed figures come from this function (no timing is asserted)."""
+    from tinytx.shipped import generation_speed
+
+    speed = generation_speed(new_tokens=5, repeats=1)
+    assert speed["new_tokens"] == 5
+    assert speed["cached"] > 0 and speed["uncached"] > 0
