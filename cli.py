@@ -321,8 +321,7 @@ def _embed(
     if len(texts) <= batch_size:
         vectors, messages = embed_texts(model, texts, batch_size)
     else:
-        stderr = click.get_text_stream("stderr")
-        with click.progressbar(length=len(texts), label="embedding", file=stderr) as bar:
+        with click.progressbar(length=len(texts), label="embedding", file=sys.stderr) as bar:
             vectors, messages = embed_texts(model, texts, batch_size, progress=bar.update)
     _echo_warnings(messages)
     return texts, model, vectors
