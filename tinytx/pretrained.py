@@ -166,6 +166,22 @@ def weights_file(folder: str | Path, auto_class: str = "AutoModel") -> Path:
     )
 
 
+def write_safetensors(
+    tensors: dict[str, Any], path: str | Path, *, metadata: dict[str, str] | None = None
+) -> None:
+    """Write host arrays as one .safetensors file, each as contiguous float32 when floating
+    (what Hugging Face's loaders and :func:`read_safetensors` expect); never pickle."""
+    from safetensors.numpy import save_file
+
+    host = {}
+    for name, value in tensors.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            value = value.astype(np.float32, copy=False)
+        host[name] = np.ascontiguousarray(value)
+    save_file(host, str(path), metadata=metadata)
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of a .safetensors file as a NumPy array (float16/bfloat16 -> float32).
 

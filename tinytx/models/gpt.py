@@ -518,15 +518,13 @@ def save_gpt2(model: GPT, folder: str | Path) -> None:
     (float32). :func:`load_gpt2` and transformers' ``GPT2LMHeadModel`` both read it."""
     import json
 
-    import numpy as np
-    from safetensors.numpy import save_file
+    from tinytx.pretrained import write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = gpt2_config_dict(model.config)
     tensors = gpt2_tensors(model.state_dict(), model.config)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
