@@ -23,7 +23,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -186,8 +186,30 @@ def _for_each_block(work: Callable[[tuple[Any, ...]], None], x: np.ndarray) -> N
 
     size = -(-len(blocks) // threads)  # blocks per thread, rounded up
     shares = [blocks[start : start + size] for start in range(0, len(blocks), size)]
-    for _ in _executor().map(share_as_caller, shares):  # re-raises a worker's exception here
-        pass
+    _run_shares(share_as_caller, shares, caller_too=True)
+
+
+def _run_shares(run: Callable[[Any], None], shares: Sequence[Any], *, caller_too: bool) -> None:
+    """Run ``run(share)`` for every share, all but the first on the pool and, when
+    ``caller_too``, the first here on the calling thread meanwhile; a worker's error is
+    raised here once every share has finished.
+
+    The rule: the calling thread would only wait for the pool otherwise, so it takes a
+    share itself: one thread fewer to wake per split (a wake-up costs tens of
+    microseconds, as much as a share of a small pass) and no core left to a waiting
+    thread. Measured on the 2-core EPYC at 2 threads: a training step 1.89x -> 1.84x torch.
+    """
+    if not caller_too or not shares:
+        for _ in _executor().map(run, shares):  # re-raises a worker's exception here
+            pass
+        return
+    futures = [_executor().submit(run, share) for share in shares[1:]]
+    try:
+        run(shares[0])
+    finally:
+        wait(futures)  # every share done before the caller goes on (or raises its own error)
+    for future in futures:
+        future.result()  # re-raises a worker's exception here
 
 
 def _as_rows(x: np.ndarray) -> np.ndarray:
@@ -388,12 +410,17 @@ def _map_with_blas_on_pool(work: Callable[[Any], None], jobs: Sequence[Any]) -> 
     caller = contextvars.copy_context()
 
     def work_as_caller(job: Any) -> None:
-        _pin_this_worker()
+        if threading.current_thread() is not calling_thread:
+            _pin_this_worker()
         caller.copy().run(work, job)
 
+    # The calling thread takes the first job itself (see _run_shares) only where BLAS's
+    # thread count is process-wide (held to one just below); a per-thread (OpenMP) BLAS
+    # would run the caller's job on all of the caller's BLAS threads, beside the pool.
+    calling_thread = threading.current_thread()
+    caller_too = not any(_per_thread(lib) for lib in _blas_libs or [])
     with _blas_single_threaded():
-        for _ in _executor().map(work_as_caller, jobs):
-            pass
+        _run_shares(work_as_caller, jobs, caller_too=caller_too)
 
 
 # --- attention -------------------------------------------------------------------------
