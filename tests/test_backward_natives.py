@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from native_helpers import definition
 
 import tinytx
 from tinytx import functional as F
@@ -32,16 +33,6 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     numpy_natives.set_num_threads(2)
     yield
     numpy_natives.set_num_threads(before)
-
-
-def definition(fn, *args, **kwargs):
-    """Call ``fn`` from tinytx.functional with every native switched off."""
-    saved = F._native
-    F._native = lambda xp, name: None
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        F._native = saved
 
 
 def random_array(seed: int, shape: tuple[int, ...], dtype) -> np.ndarray:
