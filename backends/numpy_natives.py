@@ -225,8 +225,17 @@ def _additive(mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.where(mask, dtype.type(0), dtype.type(-np.inf))
 
 
-def _softmax_block(o: np.ndarray, logits: np.ndarray | None, biases: Sequence[np.ndarray]) -> None:
-    """o = softmax(logits + sum(biases)) along the last axis, for one (..., r, n) block.
+def _softmax_block(
+    o: np.ndarray,
+    logits: np.ndarray | None,
+    biases: Sequence[np.ndarray],
+    normalize: bool = True,
+) -> np.ndarray:
+    """o = softmax(logits + sum(biases)) along the last axis, for one (..., r, n) block;
+    returns the row totals (..., r, 1) the exponentials were divided by.
+
+    ``normalize=False`` leaves o = exp(x - row max) undivided: the caller divides
+    something smaller instead (attention divides W v, r x d_v numbers, not W's r x n).
 
     logits None: o holds the logits (in place). ``biases``: the masks as additive 0 / -inf
     arrays (see :func:`_additive`, broadcastable to the block), possibly none. Adding
@@ -261,7 +270,9 @@ def _softmax_block(o: np.ndarray, logits: np.ndarray | None, biases: Sequence[np
     np.exp(o, out=o)  # exactly 0 where x was -inf
     total = np.sum(o, axis=-1, keepdims=True)  # (..., r, 1)
     total[total == 0] = 1  # all-masked row: 0 / 1 = 0 (a NaN row stays NaN)
-    np.divide(o, total, out=o)
+    if normalize:
+        np.divide(o, total, out=o)
+    return total
 
 
 def _softmax_rows(out: np.ndarray, x: np.ndarray, bias: np.ndarray | None) -> None:
@@ -439,14 +450,18 @@ def scaled_dot_product_attention(
     mask: np.ndarray | None = None,
     causal: bool = False,
     scale: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    keep_weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Same as :func:`tinytx.functional.scaled_dot_product_attention` (inputs already
-    checked there): softmax(q k^T * scale) v, returning (output, weights).
+    checked there): softmax(q k^T * scale) v, returning (output, weights), or
+    (output, None) with ``keep_weights=False``.
 
     Small inputs, and one query per head (generating text), take
     :func:`_attention_whole`: three passes over the whole (batch, heads, seq_q, seq_k)
     weights. Large ones take :func:`_attention_tiled`, which does all three steps on one
-    cache-sized tile of query rows at a time, spread over the thread pool.
+    cache-sized tile of query rows at a time, spread over the thread pool; without
+    ``keep_weights`` each tile's weights live in a buffer its thread reuses, so the
+    (seq_q, seq_k) matrix is never stored (nor its pages touched).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -454,8 +469,9 @@ def scaled_dot_product_attention(
     weight_elements = math.prod(q.shape[:3]) * k.shape[2]
     small = weight_elements == 0 or weight_elements < _PARALLEL_MIN_ELEMENTS or seq_q == 1
     if small or q.dtype not in (np.float32, np.float64):
-        return _attention_whole(q, k, v, _bool(mask), causal, scale)
-    return _attention_tiled(q, k, v, _bool(mask), causal, scale)
+        output, weights = _attention_whole(q, k, v, _bool(mask), causal, scale)
+        return output, weights if keep_weights else None
+    return _attention_tiled(q, k, v, _bool(mask), causal, scale, keep_weights=keep_weights)
 
 
 def blockwise_attention(
@@ -683,6 +699,8 @@ def _attention_tiled(
     ``keep_weights=False`` (blockwise attention) computes each tile in a
     scratch buffer of its thread, reused from tile to tile, and returns (output, None):
     the (seq_q x seq_k) weights never exist, the extra memory is one tile per thread.
+    Softmax's division then moves after the product, as in FlashAttention:
+    out[rows] = (exp(S - max) v) / rowsum, a pass over r x d_v numbers instead of r x seq_k.
     Grouped-query heads are read in place (query head i uses key/value head
     i // (heads / heads_kv)), never repeated in memory.
     """
@@ -745,6 +763,11 @@ def _attention_tiled(
             biases.append(-slopes[hs, None, None] * distance)  # (g, r, n)
         k_h = k[bs, kv, :n]  # (nb, g or 1, n, d)
         np.matmul(q[bs, hs, start:end] * scale, np.swapaxes(k_h, -1, -2), out=w)  # scores
+        if sigmoid_shift is None and weights is None:  # softmax, weights not kept:
+            total = _softmax_block(w, None, biases, normalize=False)  # exp(s - max), (.., r, 1)
+            np.matmul(w, v[bs, kv, :n], out=o)  # (nb, g, r, d_v)
+            np.divide(o, total, out=o)  # softmax(s) v, one pass over o instead of over w
+            return
         if sigmoid_shift is None:
             _softmax_block(w, None, biases)  # (nb, g, r, n) weights, in place
         else:  # sigmoid attention, the plugin's steps: w = (1 + tanh((s - log n) / 2)) / 2

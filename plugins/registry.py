@@ -45,6 +45,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 import warnings
@@ -236,8 +237,17 @@ class AttentionVariant:
         mask: Any = None,
         causal: bool = False,
         scale: float | None = None,
+        return_weights: bool = True,
         **options: Any,
     ) -> tuple[Any, Any]:
+        """Run the variant: q (batch, heads, seq_q, d); k, v (batch, heads_kv, seq_k, d / d_v)
+        -> output (batch, heads, seq_q, d_v), weights (batch, heads, seq_q, seq_k) or None.
+
+        ``return_weights=False`` (inference, where only the output is used) gives None for
+        the weights; a function with a ``return_weights`` parameter of its own is told, so
+        that it need not store them (the built-in softmax never makes the seq_q x seq_k
+        matrix then).
+        """
         from tinytx.functional import check_attention_inputs, check_attention_scale, repeat_kv
 
         check_attention_inputs(q, k, v, mask)
@@ -246,13 +256,24 @@ class AttentionVariant:
         resolved = self.resolve_options(options)
         k = repeat_kv(k, q.shape[1])  # (batch, heads, seq_k, d): grouped heads shared out
         v = repeat_kv(v, q.shape[1])  # (batch, heads, seq_k, d_v)
+        if not return_weights and self._takes_return_weights:
+            resolved["return_weights"] = False
         try:
             result = self.fn(q, k, v, mask=mask, causal=causal, scale=scale, **resolved)
         except AttentionError:
             raise
         except Exception as err:
             raise AttentionError(f"{self._who()} raised {type(err).__name__}: {err}") from err
-        return self._checked(result, q, v)
+        output, weights = self._checked(result, q, v)
+        return output, weights if return_weights else None
+
+    @property
+    def _takes_return_weights(self) -> bool:
+        """Whether the function has a ``return_weights`` parameter (see :meth:`__call__`)."""
+        try:
+            return "return_weights" in inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # a builtin or C function without a signature
+            return False
 
     def _refuse_unsupported(self, mask: Any, causal: bool) -> None:
         """Refuse, loudly, a mask or causal=True that the variant does not declare."""

@@ -52,7 +52,17 @@ def softmax_attention_backward(
     backward=softmax_attention_backward,
 )
 def softmax_attention(
-    q: Any, k: Any, v: Any, *, mask: Any = None, causal: bool = False, scale: float | None = None
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_weights: bool = True,
 ) -> tuple[Any, Any]:
-    """softmax(Q K^T * scale) V.  q: (b, h, s_q, d); k, v: (b, h_kv, s_k, d) -> (b, h, s_q, d_v)."""
-    return scaled_dot_product_attention(q, k, v, mask=mask, causal=causal, scale=scale)
+    """softmax(Q K^T * scale) V.  q: (b, h, s_q, d); k, v: (b, h_kv, s_k, d) -> (b, h, s_q, d_v),
+    and the weights (b, h, s_q, s_k), or None with ``return_weights=False``."""
+    return scaled_dot_product_attention(
+        q, k, v, mask=mask, causal=causal, scale=scale, return_weights=return_weights
+    )

@@ -406,6 +406,31 @@ def attention_inputs(draw):
     tile=st.sampled_from([1, 5, 12, 64, 400]),
     threads=st.sampled_from([1, 2]),
 )
+def test_attention_without_weights_equals_definition(numpy_backend, inputs, tile, threads) -> None:
+    """return_weights=False: the tiles divide W v by the row sums instead of W (never
+    stored); the output is the definition's up to rounding, and the weights are None."""
+    q, k, v, mask, causal, scale = inputs
+    numpy_natives._TILE_ELEMENTS = tile  # the fixture puts the default back
+    numpy_natives.set_num_threads(threads)
+    out, none = F.scaled_dot_product_attention(
+        q, k, v, mask=mask, causal=causal, scale=scale, return_weights=False
+    )
+    out_ref, w_ref = definition(
+        F.scaled_dot_product_attention, q, k, v, mask=mask, causal=causal, scale=scale
+    )
+    assert none is None and out.dtype == q.dtype and out.shape == out_ref.shape
+    assert_within_attention_bounds(q, k, v, scale, (out, w_ref), (out_ref, w_ref))
+    assert np.all(np.isfinite(out))
+    nothing_allowed = np.all(w_ref == 0, axis=-1)  # (batch, heads, seq_q)
+    assert np.all(out[nothing_allowed] == 0)
+
+
+@settings(max_examples=60)
+@given(
+    inputs=attention_inputs(),
+    tile=st.sampled_from([1, 5, 12, 64, 400]),
+    threads=st.sampled_from([1, 2]),
+)
 def test_tiled_attention_equals_definition(numpy_backend, inputs, tile, threads) -> None:
     q, k, v, mask, causal, scale = inputs
     numpy_natives._TILE_ELEMENTS = tile  # the fixture puts the default back

@@ -164,6 +164,30 @@ def test_a_variant_that_raises_is_reported_by_name(backend, clean_registry):
     assert get_attention("softmax")(q, q, q)[0] is not None  # the rest keeps working
 
 
+def test_return_weights_false_gives_none_and_the_same_output(backend, clean_registry):
+    """Inference asks for no weights: softmax is told (its function takes return_weights,
+    so it never stores them); a plugin without that parameter still runs, its weights
+    dropped. The output is the one computed with weights, up to rounding."""
+    seen = {}
+
+    @register_attention("plain")
+    def plain(q, k, v, *, mask=None, causal=False, scale=None):
+        seen["called"] = True
+        return get_attention("softmax")(q, k, v, scale=scale)
+
+    rng = np.random.default_rng(0)
+    q, k, v = (backend.asarray(rng.standard_normal((2, 2, 5, 4))) for _ in range(3))
+    for name in ("softmax", "plain"):
+        variant = get_attention(name)
+        out, weights = variant(q, k, v)
+        out_nw, none = variant(q, k, v, return_weights=False)
+        assert weights is not None and none is None
+        np.testing.assert_allclose(backend.to_numpy(out_nw), backend.to_numpy(out),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+    assert get_attention("softmax")._takes_return_weights
+    assert seen and not get_attention("plain")._takes_return_weights
+
+
 # --- load_plugin -----------------------------------------------------------------------
 
 

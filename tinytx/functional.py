@@ -762,23 +762,29 @@ def scaled_dot_product_attention(
     mask: Array | None = None,
     causal: bool = False,
     scale: float | None = None,
-) -> tuple[Array, Array]:
+    *,
+    return_weights: bool = True,
+) -> tuple[Array, Array | None]:
     """Attention(Q, K, V) = softmax(Q K^T * scale) V (Vaswani et al. 2017, eq. 1).
 
     scale defaults to 1/sqrt(d). ``mask`` is boolean, True where attention is allowed,
     broadcastable to (batch, heads, seq_q, seq_k); ``causal=True`` also forbids attending
     to later positions. A query that may attend to nothing gets a zero output row and
     zero weights. Keys and values may have fewer heads than queries (grouped-query).
+    ``return_weights=False`` gives None for the weights, and lets a native never store
+    the (seq_q, seq_k) matrix (what inference wants: only the output is used).
 
     q: (batch, heads, seq_q, d); k: (batch, heads_kv, seq_k, d); v: (batch, heads_kv, seq_k, d_v)
-    -> output (batch, heads, seq_q, d_v), weights (batch, heads, seq_q, seq_k).
+    -> output (batch, heads, seq_q, d_v), weights (batch, heads, seq_q, seq_k) or None.
     """
     check_attention_inputs(q, k, v, mask)
     check_attention_scale(scale)
     xp = array_namespace(q, k, v)
     native = _native(xp, "scaled_dot_product_attention")
-    if native is not None and (out := native(q, k, v, mask, causal, scale)) is not NotImplemented:
-        return out
+    if native is not None:
+        out = native(q, k, v, mask, causal, scale, keep_weights=return_weights)
+        if out is not NotImplemented:
+            return out
     heads, seq_q, d = q.shape[1], q.shape[2], q.shape[3]
     seq_k = k.shape[2]
     k = repeat_kv(k, heads)  # (batch, heads, seq_k, d)
@@ -792,7 +798,7 @@ def scaled_dot_product_attention(
         mask = allowed if mask is None else xp.logical_and(mask, allowed)
     weights = softmax(scores, axis=-1, mask=mask)  # (batch, heads, seq_q, seq_k)
     output = xp.matmul(weights, v)  # (batch, heads, seq_q, d_v)
-    return output, weights
+    return output, weights if return_weights else None
 
 
 def scaled_dot_product_attention_backward(

@@ -5,7 +5,8 @@
   (batch_first, dropout 0, eval, ``torch.inference_mode``) carrying the same weights.
 - ``attn-8x256`` and ``attn-1x2048``: :func:`tinytx.functional.scaled_dot_product_attention`
   at (batch, heads, seq, d) = (8, 8, 256, 64) and (1, 8, 2048, 64), against
-  ``torch.nn.functional.scaled_dot_product_attention``.
+  ``torch.nn.functional.scaled_dot_product_attention``. Both return the output only
+  (``return_weights=False``: torch's function has no weights to return).
 
 Both sides get the same thread count, runs alternate, and the median of ``repeats`` runs
 after warm-up is reported with the ratio tinytx / torch and the largest absolute
@@ -90,7 +91,7 @@ def _attention_case(shape: tuple[int, int, int, int]) -> Callable[..., Any]:
         q, k, v = (backend.asarray(a) for a in host)
 
         def ours() -> Any:
-            return scaled_dot_product_attention(q, k, v)[0]
+            return scaled_dot_product_attention(q, k, v, return_weights=False)[0]
 
         if torch is None:
             return ours, None

@@ -163,7 +163,9 @@ class MultiHeadAttention(Module):
             k, v = cache.append(k, v)  # (batch, heads_kv, seq_k, d_head) each
         k = F.repeat_kv(k, self.n_heads)  # (batch, heads, seq_k, d_head)
         v = F.repeat_kv(v, self.n_heads)  # (batch, heads, seq_k, d_head)
-        out, weights = self.attention(q, k, v, mask=mask, causal=causal, **self.attention_options)
+        options = {"return_weights": return_weights, **self.attention_options}
+        out, weights = self.attention(q, k, v, mask=mask, causal=causal, **options)
+        # out: (batch, heads, seq_q, d_head); weights: (batch, heads, seq_q, seq_k) or None
         out = self.out_proj(merge_heads(out))  # (batch, seq_q, d_model)
         if not return_weights:
             return out
