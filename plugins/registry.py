@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -267,9 +268,11 @@ class AttentionVariant:
         output, weights = self._checked(result, q, v)
         return output, weights if return_weights else None
 
-    @property
+    @functools.cached_property
     def _takes_return_weights(self) -> bool:
-        """Whether the function has a ``return_weights`` parameter (see :meth:`__call__`)."""
+        """Whether the function has a ``return_weights`` parameter (see :meth:`__call__`);
+        looked up once per variant (a signature costs tens of microseconds, as much as a
+        decode step's attention)."""
         try:
             return "return_weights" in inspect.signature(self.fn).parameters
         except (TypeError, ValueError):  # a builtin or C function without a signature
