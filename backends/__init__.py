@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace as compat_namespace
 
 __all__ = [
+    "array_namespace",
+    "dtype_is",
     "Backend",
     "BackendMismatchError",
     "BackendStatus",
@@ -44,6 +48,37 @@ __all__ = [
     "resolve_backend",
     "use_backend",
 ]
+
+
+_namespace_by_type: dict[type, Any] = {}
+
+
+def array_namespace(*arrays: Any) -> Any:
+    """``array_api_compat.array_namespace(*arrays)``, remembered by array type.
+
+    The namespace of an array follows from its type alone (``numpy.ndarray`` -> the
+    compat NumPy namespace, ``array_api_strict.Array`` -> array_api_strict, ...), so the
+    answer for arrays of one type is looked up once; array_api_compat's checks cost some
+    microseconds per call, and a decode step asks hundreds of times. Arrays of mixed
+    types (and ``None`` entries, which are skipped) go to array_api_compat every time;
+    a TypeError from it (not arrays, or arrays of two libraries) is raised unchanged.
+    """
+    kinds = {type(a) for a in arrays if a is not None}
+    if len(kinds) != 1:
+        return compat_namespace(*arrays)
+    (kind,) = kinds
+    xp = _namespace_by_type.get(kind)
+    if xp is None:
+        xp = compat_namespace(*arrays)  # raises TypeError for what is not an array
+        _namespace_by_type[kind] = xp
+    return xp
+
+
+@functools.lru_cache(maxsize=256)
+def dtype_is(xp: Any, dtype: Any, kind: str) -> bool:
+    """``xp.isdtype(dtype, kind)``, remembered (dtypes are few; the check is on every call
+    of every module)."""
+    return bool(xp.isdtype(dtype, kind))
 
 
 class BackendUnavailable(RuntimeError):
@@ -69,7 +104,6 @@ class Backend:
 
     def owns(self, x: Any) -> bool:
         """True when array ``x`` belongs to this backend (same namespace and device)."""
-        from array_api_compat import array_namespace
         from array_api_compat import device as device_of
 
         try:

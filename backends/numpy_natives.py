@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from tinytx.backends.matvec_kernels import few_rows_matmul
+
 __all__ = [
     "NATIVES",
     "blockwise_attention",
@@ -656,7 +658,7 @@ def _attention_whole(
     k = repeat_kv(k, heads)  # (batch, heads, seq_k, d)
     v = repeat_kv(v, heads)  # (batch, heads, seq_k, d_v)
     weights = np.matmul(q * scale, np.swapaxes(k, -1, -2))  # (batch, heads, seq_q, seq_k)
-    if causal:
+    if causal and seq_q > 1:  # one query (a decode step) sits last: it sees every key
         allowed = causal_mask(seq_q, seq_k, xp=np)  # (seq_q, seq_k)
         mask = allowed if mask is None else np.logical_and(mask, allowed)
     bias = None
@@ -925,7 +927,9 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     multi-threaded product, on the same cores where the pool's element-wise work and
     attention tiles come next. Measured on the 2-core EPYC, median of 6 alternating runs:
     the embed benchmark 4.48 -> 3.95 s, and the encoder block 148 -> 122 ms (10 runs).
-    Few rows (a decode step's matrix-vector products) stay on OpenBLAS's own threads.
+    Few rows (a decode step's matrix-vector products) go to the compiled kernel of
+    :mod:`tinytx.backends.matvec_kernels` where numba is installed (it reads the weights
+    faster than OpenBLAS's matrix-vector kernel), else stay on OpenBLAS's own threads.
 
     x: (..., d_in); weight: (d_out, d_in); bias: (d_out,) -> (..., d_out).
     """
@@ -947,6 +951,9 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
         y = int8_matmul(rows, q, scale, bias, threads)  # (n, d_out), reads Q: 1 byte a weight
         return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., d_out)
     if threads == 1 or n < _POOL_ROWS_PER_THREAD * threads or not _can_pin_blas():
+        y = few_rows_matmul(rows, weight, bias, threads)  # decoding: the compiled kernel
+        if y is not None:  # (n, d_out), the bias added
+            return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., d_out)
         y = np.matmul(rows, weight.T)  # (n, d_out)
         if bias is not None and y.size:
 

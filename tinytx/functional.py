@@ -24,10 +24,10 @@ import math
 import numbers
 from typing import Any
 
-from array_api_compat import array_namespace as compat_namespace
 from array_api_compat import device as device_of
 
-from tinytx.backends import BackendMismatchError
+from tinytx.backends import BackendMismatchError, dtype_is, native_function
+from tinytx.backends import array_namespace as compat_namespace  # remembered by type
 
 Array = Any
 
@@ -81,14 +81,12 @@ def _native(xp: Any, name: str) -> Any:
     A native computes the same numbers as the definition below it, only faster; it may
     return ``NotImplemented`` for an input it does not cover, and the definition runs.
     """
-    from tinytx.backends import native_function
-
     return native_function(xp, name)
 
 
 def _require_float(x: Array, what: str) -> None:
     xp = array_namespace(x)
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not dtype_is(xp, x.dtype, "real floating"):
         raise TypeError(f"{what} must be a real floating-point array, got dtype {x.dtype}")
 
 

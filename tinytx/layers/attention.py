@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from array_api_compat import array_namespace
-
 from tinytx import functional as F
 from tinytx import init
 from tinytx.backends import Backend
+from tinytx.functional import array_namespace
 from tinytx.layers.basic import Linear
 from tinytx.layers.kv_cache import LayerKVCache
 from tinytx.layers.module import Module

@@ -35,7 +35,7 @@ from typing import Any
 
 from array_api_compat import is_array_api_obj
 
-from tinytx.backends import Backend, BackendMismatchError, resolve_backend
+from tinytx.backends import Backend, BackendMismatchError, dtype_is, resolve_backend
 from tinytx.trace import current_tracer
 
 Array = Any
@@ -189,7 +189,7 @@ class Module:
                 "module with .to(...)"
             )
         xp = self.backend.xp
-        if xp.isdtype(x.dtype, "real floating") and x.dtype != getattr(xp, self.dtype):
+        if dtype_is(xp, x.dtype, "real floating") and x.dtype != getattr(xp, self.dtype):
             got = str(x.dtype).rsplit(".", 1)[-1]  # array_api_strict.float64 -> float64
             raise BackendMismatchError(
                 f"{type(self).__name__}: the {what} has dtype {got} but the weights are "
@@ -208,7 +208,7 @@ class Module:
         for i, arg in enumerate(args):
             if is_array_api_obj(arg):
                 self.check_input(arg)
-                if i not in id_positions and self.backend.xp.isdtype(arg.dtype, "integral"):
+                if i not in id_positions and dtype_is(self.backend.xp, arg.dtype, "integral"):
                     got = str(arg.dtype).rsplit(".", 1)[-1]
                     raise TypeError(
                         f"{type(self).__name__}: input {i} is an integer array ({got}), but "

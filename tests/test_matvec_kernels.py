@@ -1,0 +1,95 @@
+"""The compiled few-rows product (backends/matvec_kernels.py) against the definition.
+
+Decoding multiplies one row per sequence by every weight; with numba installed the
+linear native sends such products to the kernel. The kernel sums in its own order
+(``fastmath``: vector lanes), so it agrees with ``x @ W.T + b`` up to the rounding of a
+dot product of d_in terms: |error| <= 2 (d_in + 1) eps (|x| |W|^T + |b|) elementwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from native_helpers import definition
+
+import tinytx
+from tinytx import functional as F
+from tinytx.backends import matvec_kernels
+
+pytest.importorskip("numba", reason="the few-rows kernel needs numba (pip install 'tinytx[fast]')")
+
+
+def bound(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """2 (d_in + 1) eps (|x| |W|^T + |b|): a dot product's rounding, in any order."""
+    eps = np.finfo(x.dtype).eps
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
+    if bias is not None:
+        magnitude = magnitude + np.abs(bias)
+    return 2 * (x.shape[-1] + 1) * eps * magnitude
+
+
+@settings(max_examples=40, deadline=None)  # the first example compiles (or loads) the kernel
+@given(
+    rows=st.integers(1, matvec_kernels.MAX_ROWS),
+    d_in=st.integers(1, 70),
+    d_out=st.integers(1, 70),
+    with_bias=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+    threads=st.sampled_from([1, 2]),
+)
+def test_kernel_equals_the_definition(rows, d_in, d_out, with_bias, dtype, seed, threads) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, d_in)).astype(dtype)
+    weight = rng.standard_normal((d_out, d_in)).astype(dtype)
+    bias = rng.standard_normal(d_out).astype(dtype) if with_bias else None
+    y = matvec_kernels.few_rows_matmul(x, weight, bias, threads)
+    reference = definition(F.linear, x, weight, bias)
+    assert y is not None and y.dtype == dtype and y.shape == (rows, d_out)
+    assert np.all(np.abs(y - reference) <= bound(x, weight, bias))
+
+
+def test_linear_uses_the_kernel_for_a_decode_row(monkeypatch) -> None:
+    tinytx.get_backend("numpy")  # made once: F.linear then finds its natives
+    calls = []
+    kernel = matvec_kernels.few_rows_matmul
+    monkeypatch.setattr(
+        "tinytx.backends.numpy_natives.few_rows_matmul",
+        lambda *args: calls.append(args[0].shape) or kernel(*args),
+    )
+    x = np.ones((1, 1, 16), dtype=np.float32)  # (batch, seq, d_in): one new token
+    weight, bias = np.full((5, 16), 0.5, dtype=np.float32), np.arange(5, dtype=np.float32)
+    y = F.linear(x, weight, bias)
+    assert calls == [(1, 16)]
+    np.testing.assert_array_equal(y, np.full((1, 1, 5), 8.0, dtype=np.float32) + bias)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["too many rows", "mixed dtypes", "integers", "strided weight", "bias of another dtype"],
+)
+def test_inputs_the_kernel_does_not_cover_go_back_to_blas(case) -> None:
+    x = np.ones((2, 4), dtype=np.float32)
+    weight, bias = np.ones((3, 4), dtype=np.float32), None
+    if case == "too many rows":
+        x = np.ones((matvec_kernels.MAX_ROWS + 1, 4), dtype=np.float32)
+    elif case == "mixed dtypes":
+        x = x.astype(np.float64)
+    elif case == "integers":
+        x, weight = x.astype(np.int64), weight.astype(np.int64)
+    elif case == "strided weight":
+        weight = np.ones((4, 3), dtype=np.float32).T  # (3, 4), not C-contiguous
+    else:
+        bias = np.ones(3, dtype=np.float64)
+    assert matvec_kernels.few_rows_matmul(x, weight, bias, 2) is None
+
+
+def test_tinytx_numba_0_turns_the_kernel_off(monkeypatch) -> None:
+    x, weight = np.ones((1, 4), dtype=np.float32), np.ones((3, 4), dtype=np.float32)
+    assert matvec_kernels.kernel_available()
+    monkeypatch.setenv("TINYTX_NUMBA", "0")
+    assert not matvec_kernels.kernel_available()
+    assert matvec_kernels.few_rows_matmul(x, weight, None, 2) is None
+    np.testing.assert_array_equal(F.linear(x, weight), np.full((1, 3), 4.0, dtype=np.float32))
