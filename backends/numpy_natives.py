@@ -645,6 +645,23 @@ def sigmoid_attention(
     return _attention_tiled(q, k, v, None, False, scale, sigmoid_shift=shift)
 
 
+def _one_query_softmax(scores: np.ndarray) -> bool:
+    """A decode step's softmax, in place: scores (batch, heads, 1, seq_k) -> weights.
+
+    The definition's steps (row max, exp of the difference, divide by the sum) as five
+    NumPy calls on the whole small array: a decode step runs this once per layer, where
+    the blocked :func:`_softmax_rows` costs more in Python than in arithmetic. Returns
+    False, leaving ``scores`` as they were, when a row holds an infinite or NaN score
+    (the definition's limits are then :func:`_softmax_block`'s to take)."""
+    row_max = np.max(scores, axis=-1, keepdims=True)  # (batch, heads, 1, 1)
+    if not np.isfinite(row_max).all():  # +-inf or NaN in a row (a finite max is finite)
+        return False
+    np.subtract(scores, row_max, out=scores)
+    np.exp(scores, out=scores)
+    np.divide(scores, np.sum(scores, axis=-1, keepdims=True), out=scores)  # sum >= 1
+    return True
+
+
 def _attention_whole(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool,
     scale: float,
@@ -658,6 +675,8 @@ def _attention_whole(
     k = repeat_kv(k, heads)  # (batch, heads, seq_k, d)
     v = repeat_kv(v, heads)  # (batch, heads, seq_k, d_v)
     weights = np.matmul(q * scale, np.swapaxes(k, -1, -2))  # (batch, heads, seq_q, seq_k)
+    if seq_q == 1 and mask is None and seq_k and _one_query_softmax(weights):
+        return np.matmul(weights, v), weights  # (batch, heads, 1, d_v), weights
     if causal and seq_q > 1:  # one query (a decode step) sits last: it sees every key
         allowed = causal_mask(seq_q, seq_k, xp=np)  # (seq_q, seq_k)
         mask = allowed if mask is None else np.logical_and(mask, allowed)

@@ -214,6 +214,7 @@ def machine_info() -> dict[str, Any]:
         "l2_cache_bytes": numpy_natives._L2_BYTES,
         "tinytx_threads": numpy_natives.get_num_threads(),
         "numpy": np.__version__,
+        "compiled_kernels": _compiled_kernels(),
     }
     if hasattr(os, "getloadavg"):  # other work on the machine while this ran
         info["load_average_1min"] = os.getloadavg()[0]
@@ -239,6 +240,19 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _compiled_kernels() -> str:
+    """Whether tinytx's optional compiled kernels ran: 'numba X.Y' (``tinytx[fast]``
+    installed, TINYTX_NUMBA not 0), else why not. They change the figures, so every
+    benchmark says."""
+    if os.environ.get("TINYTX_NUMBA", "1").strip() in ("0", "false", "no", "off"):
+        return "off (TINYTX_NUMBA=0)"
+    try:
+        import numba
+    except ImportError:
+        return "none (numba not installed: pip install 'tinytx[fast]')"
+    return f"numba {numba.__version__}"
+
+
 def describe_machine(info: Mapping[str, Any]) -> str:
     """One line: processor, cores, BLAS with kernel and threads, tinytx's threads."""
     units = info.get("vector_units") or []
@@ -255,6 +269,7 @@ def describe_machine(info: Mapping[str, Any]) -> str:
         "BLAS " + "; ".join(blas),
         f"tinytx pool {info.get('tinytx_threads', '?')} threads",
         f"numpy {info['numpy']}",
+        f"compiled kernels: {info.get('compiled_kernels', '?')}",
     ]
     if "load_average_1min" in info:
         parts.append(f"load average {info['load_average_1min']:.1f} (other work)")
