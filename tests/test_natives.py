@@ -524,6 +524,26 @@ def test_causal_queries_before_every_key_get_zeros(numpy_backend) -> None:
     assert np.all(w[:, :, :4] == 0) and np.all(out[:, :, :4] == 0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("special", [None, np.inf, -np.inf, np.nan])
+def test_one_query_attention_equals_definition(numpy_backend, causal, special) -> None:
+    """A decode step (one query, no mask; causal changes nothing for the last position)
+    takes the five-call softmax; a row with an infinite or NaN score goes back to the
+    blocked softmax, whose limits are the definition's."""
+    q = random_array(0, (2, 3, 1, 4), np.float32)
+    k, v = (random_array(s, (2, 3, 6, 4), np.float32) for s in (1, 2))
+    if special is not None:
+        k[1, 2, 3] = special  # one row of scores holds +-inf or NaN (through q k^T)
+    (out, w), (out_ref, w_ref) = both(F.scaled_dot_product_attention, q, k, v, causal=causal)
+    assert np.array_equal(np.isnan(w), np.isnan(w_ref))
+    assert np.array_equal(np.isnan(out), np.isnan(out_ref))
+    # (batch 1, head 2) took the blocked softmax: the definition's numbers, its limits too
+    np.testing.assert_array_equal(w[1, 2], w_ref[1, 2])  # (NaN where NaN)
+    w[1, 2], w_ref[1, 2], out[1, 2], out_ref[1, 2] = 0, 0, 0, 0  # the other rows, bounded:
+    k_finite = np.where(np.isfinite(k), k, 0)  # k[1, 2] reaches only that row
+    assert_within_attention_bounds(q, k_finite, v, None, (out, w), (out_ref, w_ref))
+
+
 def test_blas_threads_are_given_back(numpy_backend) -> None:
     if not numpy_natives._can_pin_blas():
         pytest.skip("threadpoolctl finds no BLAS here whose threads tinytx can set")
