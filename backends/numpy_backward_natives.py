@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from tinytx.backends.numpy_natives import _as_rows, _for_each_block
+from tinytx.backends.numpy_natives import _as_rows, _blockwise, _for_each_block
 
-__all__ = ["BACKWARD_NATIVES", "gelu_backward"]
+__all__ = ["BACKWARD_NATIVES", "gelu_backward", "layer_norm_backward"]
 
 
 def gelu_backward(grad_y: np.ndarray, x: np.ndarray, approximate: str = "none") -> np.ndarray:
@@ -26,14 +26,18 @@ def gelu_backward(grad_y: np.ndarray, x: np.ndarray, approximate: str = "none") 
 
     dx = dy * (Phi(x) + x phi(x)), with the definition's erfc fit for Phi and its
     operations in its order, on cache-sized blocks with scratch buffers: about 30 passes
-    over one block in cache instead of about 30 over arrays in memory.
+    over one block in cache instead of about 30 over arrays in memory. float32 with
+    numba: the fused kernel of :mod:`tinytx.backends.numba_kernels` (within rounding).
     grad_y, x: any shape (the same) -> grad_x, that shape. The tanh form, and inputs that
     are not one floating dtype, are left to the definition (NotImplemented).
     """
+    from tinytx.backends import numba_kernels
     from tinytx.functional import _ERFC_COEFFS
 
     if approximate != "none" or x.dtype.kind != "f" or grad_y.dtype != x.dtype:
         return NotImplemented
+    if numba_kernels.covers(x):  # float32 with numba: one compiled pass per block
+        return _blockwise(numba_kernels.gelu_backward, grad_y, x)
     out = np.empty(x.shape, dtype=x.dtype)
     x_rows, dy_rows, out_rows = _as_rows(x), _as_rows(grad_y), _as_rows(out)
     root_half = 1.0 / math.sqrt(2.0)
@@ -78,6 +82,50 @@ def gelu_backward(grad_y: np.ndarray, x: np.ndarray, approximate: str = "none") 
     return out
 
 
+def layer_norm_backward(
+    grad_y: np.ndarray, x: np.ndarray, weight: np.ndarray | None = None, eps: float = 1e-5
+) -> Any:
+    """Same as :func:`tinytx.functional.layer_norm_backward`, within rounding: the fused
+    numba kernel (:mod:`tinytx.backends.numba_kernels`) on row blocks spread over the
+    pool, each block adding its rows' dy xhat and dy to its own float64 sums, added up at
+    the end. Everything else (no numba, float64, mixed dtypes, a row whose variance
+    overflows float32 or is 0 with eps 0, a NaN or inf) is left to the definition.
+
+    grad_y, x: (..., d); weight: (d,) or None -> (grad_x (..., d), grad_weight (d,) or
+    None, grad_bias (d,)).
+    """
+    from tinytx.backends import numba_kernels
+
+    d = x.shape[-1]
+    if weight is not None and (weight.dtype != x.dtype or weight.shape != (d,)):
+        return NotImplemented
+    if not numba_kernels.covers(x, grad_y) or x.size == 0:
+        return NotImplemented
+    w = np.ones((d,), dtype=x.dtype) if weight is None else weight  # (d,)
+    grad_x = np.empty(x.shape, dtype=x.dtype)  # C order: blocks are contiguous
+    x_rows, dy_rows, dx_rows = _as_rows(x), _as_rows(grad_y), _as_rows(grad_x)
+    sums = []  # per block: (where it starts, sum of dy xhat, sum of dy)
+    overflowed = []
+
+    def work(block: tuple[Any, ...]) -> None:
+        grad_w, grad_b = np.zeros(d), np.zeros(d)  # (d,) float64
+        if not numba_kernels.layer_norm_backward(
+            dy_rows[block], x_rows[block], w, eps, dx_rows[block], grad_w, grad_b
+        ):
+            overflowed.append(block)
+        start = tuple(i.start if isinstance(i, slice) else i for i in block if i is not ...)
+        sums.append((start, grad_w, grad_b))
+
+    _for_each_block(work, dx_rows)
+    if overflowed:
+        return NotImplemented
+    sums.sort(key=lambda s: s[0])  # blocks in row order, whichever thread finished first:
+    grad_weight = sum(s[1] for s in sums).astype(x.dtype)  # (d,)  the same sum every run
+    grad_bias = sum(s[2] for s in sums).astype(x.dtype)  # (d,)
+    return grad_x, (None if weight is None else grad_weight), grad_bias
+
+
 BACKWARD_NATIVES = {
     "gelu_backward": gelu_backward,
+    "layer_norm_backward": layer_norm_backward,
 }

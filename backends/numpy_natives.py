@@ -819,13 +819,27 @@ def layer_norm(
     bias: np.ndarray | None = None,
     eps: float = 1e-5,
 ) -> np.ndarray:
-    """Same as :func:`tinytx.functional.layer_norm`; x (..., d) -> (..., d)."""
+    """Same as :func:`tinytx.functional.layer_norm`; x (..., d) -> (..., d). float32 with
+    numba: the fused kernel of :mod:`tinytx.backends.numba_kernels`, within rounding."""
+    from tinytx.backends import numba_kernels
+
     params = [p for p in (weight, bias) if p is not None]
     if any(p.dtype != x.dtype or p.shape != x.shape[-1:] for p in params):
         return NotImplemented  # mixed dtypes or unusual shapes: the definition handles them
     out = np.empty(x.shape, dtype=x.dtype)
     x_rows, out_rows = _as_rows(x), _as_rows(out)  # (..., rows, d)
     overflowed = []  # blocks whose sums or squares overflowed (or met NaN / inf)
+    if numba_kernels.covers(x):  # float32 with numba: mean, var and output in one kernel
+        w = np.ones(x.shape[-1:], dtype=x.dtype) if weight is None else weight  # (d,)
+        b = np.zeros(x.shape[-1:], dtype=x.dtype) if bias is None else bias  # (d,)
+
+        def fused(block: tuple[Any, ...]) -> None:
+            if not numba_kernels.layer_norm(x_rows[block], w, b, eps, out_rows[block]):
+                overflowed.append(block)
+
+        if out.size:
+            _for_each_block(fused, out_rows)
+        return NotImplemented if overflowed else out
 
     def work(block: tuple[Any, ...]) -> None:
         o = out_rows[block]  # (..., r, d)
@@ -1065,16 +1079,32 @@ def _rows_on_pool(a: np.ndarray, b: np.ndarray, threads: int) -> np.ndarray:
     return out.reshape(*a.shape[:-1], n)  # (..., m, n)
 
 
+def _blockwise(kernel: Callable[..., None], *inputs: np.ndarray) -> np.ndarray:
+    """out = kernel(*inputs) element-wise, one call per row block on the pool; the inputs
+    have one shape. ``kernel(*input_blocks, out_block)`` fills a C-contiguous block."""
+    out = np.empty(inputs[0].shape, dtype=inputs[0].dtype)  # C order: blocks are contiguous
+    rows = [_as_rows(a) for a in inputs]
+    out_rows = _as_rows(out)
+    if out.size:
+        _for_each_block(lambda block: kernel(*(a[block] for a in rows), out_rows[block]), out_rows)
+    return out
+
+
 def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     """Same as :func:`tinytx.functional.gelu` (exact form), bit for bit: the same erfc fit,
     the same operations in the same order, on cache-sized blocks with scratch buffers.
+    float32 with numba: the fused kernel of :mod:`tinytx.backends.numba_kernels` instead
+    (within rounding: it fuses multiply-adds and computes exp itself).
 
     x: any shape -> same shape. The tanh form is left to the definition (NotImplemented).
     """
+    from tinytx.backends import numba_kernels
     from tinytx.functional import _ERFC_COEFFS
 
     if approximate != "none" or x.dtype.kind != "f":
         return NotImplemented
+    if numba_kernels.covers(x):  # float32 with numba: one compiled pass per block
+        return _blockwise(numba_kernels.gelu, x)
     out = np.empty_like(x)
     x_rows, out_rows = _as_rows(x), _as_rows(out)
     root_half = 1.0 / math.sqrt(2.0)

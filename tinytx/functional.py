@@ -462,6 +462,9 @@ def layer_norm_backward(
     xp = array_namespace(grad_y, x)
     _require_float(x, "layer_norm_backward input")
     _check_cotangent(grad_y, x.shape, x.dtype, "layer_norm_backward")
+    native = _native(xp, "layer_norm_backward")
+    if native is not None and (grads := native(grad_y, x, weight, eps)) is not NotImplemented:
+        return grads
     s = _row_scale(x)  # (..., 1)
     u = x / s  # (..., d)  exact: s is a power of two
     mean = xp.mean(u, axis=-1, keepdims=True)  # (..., 1)
