@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ __all__ = [
 _numba: Any = None  # the numba module, once imported
 _missing: str | None = None  # why numba could not be imported
 _kernels: dict[str, Any] = {}  # name -> compiled kernel
+_compile_lock = threading.Lock()
 
 
 def available() -> bool:
@@ -230,8 +232,8 @@ def _layer_norm_backward_kernel(
     return bad
 
 
-def _compile_all() -> None:
-    """Compile the kernels with numba (lazily: each on its first call; cached on disk)."""
+def _compile_all() -> dict[str, Any]:
+    """The kernels by name, compiled with numba (each on its first call; cached on disk)."""
     numba = _numba
     from llvmlite import ir
     from numba.extending import intrinsic
@@ -254,17 +256,23 @@ def _compile_all() -> None:
     inline = numba.njit(inline="always")  # helpers: inlined into the kernels' loops
     for name in ("_exp", "_erfc_tail"):
         globals()[name] = inline(globals()[name])
-    _kernels["gelu"] = jit(_gelu_kernel)
-    _kernels["gelu_backward"] = jit(_gelu_backward_kernel)
-    _kernels["layer_norm"] = jit_sums(_layer_norm_kernel)
-    _kernels["layer_norm_backward"] = jit_sums(_layer_norm_backward_kernel)
+    return {
+        "gelu": jit(_gelu_kernel),
+        "gelu_backward": jit(_gelu_backward_kernel),
+        "layer_norm": jit_sums(_layer_norm_kernel),
+        "layer_norm_backward": jit_sums(_layer_norm_backward_kernel),
+    }
 
 
 def _kernel(name: str) -> Any:
+    """The compiled kernel ``name``; the first call sets them all up (once, under a lock:
+    the pool's threads may all ask at the same moment)."""
     if not _kernels:
-        if not available():
-            raise RuntimeError(f"numba is not installed here: {_missing}")
-        _compile_all()
+        with _compile_lock:
+            if not _kernels:
+                if not available():
+                    raise RuntimeError(f"numba is not installed here: {_missing}")
+                _kernels.update(_compile_all())  # all at once: other threads read it unlocked
     return _kernels[name]
 
 
