@@ -45,8 +45,16 @@ def _enabled() -> bool:
     return os.environ.get("TINYTX_NUMBA", "1").strip() not in ("0", "false", "no", "off")
 
 
+_compile_lock = threading.Lock()
+
+
 def _compile() -> Any:
     """The numba kernel, compiled on first use (cached on disk); None without numba."""
+    with _compile_lock:  # one thread compiles; others wait for it
+        return _compile_once()
+
+
+def _compile_once() -> Any:
     global _kernel, _missing
     if _kernel is not None or _missing is not None:
         return _kernel

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tinytx.backends.matvec_kernels import few_rows_matmul
+from tinytx.backends.numba_softmax import softmax_numerator
 
 __all__ = [
     "NATIVES",
@@ -751,13 +752,16 @@ def _attention_tiled(
             per_batch = min(fits, -(-batch // (2 * get_num_threads())))
     scratch = threading.local()  # keep_weights=False: each thread's tile buffer
 
-    def scores_buffer(bs: slice, hs: slice, start: int, end: int) -> np.ndarray:
-        """Where a tile's scores go: its slice of the weights, or its thread's scratch."""
+    def scores_buffer(bs: slice, hs: slice, start: int, end: int, n: int) -> np.ndarray:
+        """Where a tile's scores go: its slice of the weights (nb, g, r, seq_k), or the
+        first nb g r n numbers of its thread's scratch as one C-contiguous (nb, g, r, n)
+        array (a compiled kernel's loops then run over unit strides)."""
         if weights is not None:
             return weights[bs, hs, start:end]  # (nb, g, r, seq_k)
         if getattr(scratch, "buffer", None) is None:
-            scratch.buffer = np.empty((per_batch, per_tile, rows, seq_k), dtype=q.dtype)
-        return scratch.buffer[: bs.stop - bs.start, : hs.stop - hs.start, : end - start]
+            scratch.buffer = np.empty(per_batch * per_tile * rows * seq_k, dtype=q.dtype)
+        shape = (bs.stop - bs.start, hs.stop - hs.start, end - start, n)
+        return scratch.buffer[: math.prod(shape)].reshape(shape)  # (nb, g, r, n)
 
     def tile(job: tuple[int, int, int]) -> None:
         b, h, start = job
@@ -765,9 +769,9 @@ def _attention_tiled(
         hs = slice(h, min(h + per_tile, heads))  # its query heads
         kv = slice(h // group, h // group + 1) if group > 1 else hs  # their key/value heads
         end = min(start + rows, seq_q)
-        w = scores_buffer(bs, hs, start, end)  # (nb, g, r, seq_k)
-        o = output[bs, hs, start:end]  # (nb, g, r, d_v)
         n = seq_k if not causal else max(0, min(seq_k, end + offset))  # keys seen
+        w = scores_buffer(bs, hs, start, end, n)  # (nb, g, r, seq_k or n)
+        o = output[bs, hs, start:end]  # (nb, g, r, d_v)
         w[..., n:] = 0  # after every row's position (causal): weight 0
         if n == 0:  # no key for any row here
             o[...] = 0
@@ -785,7 +789,9 @@ def _attention_tiled(
         k_h = k[bs, kv, :n]  # (nb, g or 1, n, d)
         np.matmul(q[bs, hs, start:end] * scale, np.swapaxes(k_h, -1, -2), out=w)  # scores
         if sigmoid_shift is None and weights is None:  # softmax, weights not kept:
-            total = _softmax_block(w, None, biases, normalize=False)  # exp(s - max), (.., r, 1)
+            total = softmax_numerator(w, biases)  # exp(s - max), (.., r, 1): compiled kernel
+            if total is None:  # (numba missing or off, float64, an inf or NaN score)
+                total = _softmax_block(w, None, biases, normalize=False)
             np.matmul(w, v[bs, kv, :n], out=o)  # (nb, g, r, d_v)
             np.divide(o, total, out=o)  # softmax(s) v, one pass over o instead of over w
             return
