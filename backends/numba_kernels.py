@@ -98,8 +98,8 @@ def _float32_from_bits(bits: Any) -> Any:
 
 
 def _exp(y: Any) -> Any:
-    """exp(y) for float32 y, within 1.2 ulp (measured over [-104, 88]); see the module
-    docstring. exp(-inf) = 0 and exp(NaN) is some number (callers keep NaN themselves)."""
+    """exp(y) for float32 y, within 1.5 ulp (1.19 measured over [-104, 88] on Zen 4); see
+    the module docstring. exp(-inf) = 0; exp(NaN) is some number (callers keep NaN)."""
     y = _F(-104.0) if not y > _F(-104.0) else y  # also NaN -> -104: n stays an integer
     y = _F(88.0) if y > _F(88.0) else y
     n = np.floor(y * _LOG2E + _F(0.5))  # round(y / ln 2)

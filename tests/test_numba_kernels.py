@@ -29,9 +29,11 @@ EPS = float(np.finfo(F32).eps)  # 2^-23
 U = EPS / 2
 SUBNORMAL = float(np.finfo(F32).smallest_subnormal)  # 2^-149
 # |computed exp(y) / exp(y) - 1| in units of eps, for float32 results that are normal
-# numbers: the kernel's exp is within 1.2 ulp (measured over [-104, 88]), NumPy's SIMD exp
-# within 2.4 ulp (measured likewise); an ulp of a normal float is at most eps times it.
-EXP_EPS = 1.2 + 2.4
+# numbers, both sides together: the kernel's exp is within 1.5 ulp (its docstring, and
+# test_exp_within_its_documented_ulps; 1.19 measured on Zen 4), NumPy's float32 exp within
+# 3 (2.4 measured here for its AVX-512 loop; libm's is below 1); an ulp of a normal float
+# is at most eps times it.
+EXP_EPS = 1.5 + 3.0
 KERNEL_NAMES = ("gelu", "gelu_backward", "layer_norm", "layer_norm_backward")
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
@@ -383,9 +385,9 @@ def test_kernels_take_non_contiguous_inputs(numpy_backend) -> None:
 
 
 def test_exp_within_its_documented_ulps() -> None:
-    """The kernels' own exp (module docstring): within 1.2 ulp where exp(y) is a normal
-    float32 (measured 1.19 on this grid), within one step where it is subnormal, 0 at
-    -inf; the GELU bounds above take EXP_EPS from it."""
+    """The kernels' own exp (module docstring): within 1.5 ulp where exp(y) is a normal
+    float32 (1.19 measured on this grid on Zen 4), within one step where it is subnormal,
+    0 at -inf; the GELU bounds above take EXP_EPS from it."""
     import numba
 
     numba_kernels._kernel("gelu")  # compiles the helpers in place
@@ -402,6 +404,6 @@ def test_exp_within_its_documented_ulps() -> None:
     exact = np.exp(y.astype(np.float64))
     normal = exact >= np.finfo(F32).tiny
     ulp = np.spacing(exact.astype(F32)).astype(np.float64)
-    assert np.max(np.abs(got - exact)[normal] / ulp[normal]) <= 1.2
+    assert np.max(np.abs(got - exact)[normal] / ulp[normal]) <= 1.5
     assert np.max(np.abs(got - exact)[~normal]) <= SUBNORMAL
     assert got[-3] == 0 and got[-2] == 0 and got[-1] == 1
