@@ -1,10 +1,13 @@
 """Fused element-wise kernels for the NumPy natives: GELU and LayerNorm, forward and backward.
 
-Each NumPy native makes 25-40 passes over a block for GELU's erfc fit (one ufunc call per
-operation). A compiled loop makes one pass: each element is read once, every operation
-runs in vector registers, and LLVM vectorizes the loop (16 float32 lanes with AVX-512).
-Measured on a 2-core EPYC (Zen 4), one thread: GELU on (768, 512) float32 in 0.33 ms
-instead of 1.4-2.0 ms.
+The NumPy natives make 25-40 passes over a block for GELU's erfc fit (one ufunc call per
+operation), and LayerNorm's backward has ten or so. A compiled loop makes one pass: each
+element is read once, every operation runs in vector registers, and LLVM vectorizes the
+loop (16 float32 lanes with AVX-512). Measured on a 2-core EPYC (Zen 4), one thread,
+(768, 512) float32: GELU 0.37 ms instead of 1.6, its backward 0.51 instead of 1.9,
+LayerNorm 0.13 instead of 0.62, its backward 0.32 instead of 1.6 (the definition's; it
+had no native). The LayerNorm kernels sum each row in float64, so their mean and variance
+are more accurate than the float32 definition's.
 
 Where they run: the natives (backends/numpy_natives.py, numpy_backward_natives.py) still
 cut arrays into cache-sized row blocks and spread them over tinytx's thread pool; each
@@ -44,6 +47,7 @@ import numpy as np
 
 __all__ = [
     "available",
+    "covers",
     "enabled",
     "gelu",
     "gelu_backward",
