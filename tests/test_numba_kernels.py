@@ -145,7 +145,7 @@ def extremes() -> np.ndarray:
     info = np.finfo(F32)
     values = [0.0, info.smallest_subnormal, info.tiny, 1e-20, 1.0, 13.0, 13.5, 14.0, 40.0]
     values += [1e4, 1e5, float(info.max), math.inf]
-    values += list(np.linspace(12.5, 15.0, 41))  # subnormal tails
+    values += list(np.linspace(12.5, 15.0, 41))  # subnormal tails and densities
     x = np.array(values + [-v for v in values] + [math.nan], dtype=F32)
     return x
 
@@ -193,12 +193,23 @@ def test_gelu_backward_kernel_equals_definition(numpy_backend, shape, seed, scal
 
 def test_gelu_backward_kernel_at_the_extremes(numpy_backend, kernel_calls) -> None:
     x = numpy_backend.asarray(extremes())
-    grad_y = numpy_backend.asarray(np.ones(x.shape, F32))
+    grad_y = numpy_backend.asarray(random_array(0, x.shape, 3.0))
     with np.errstate(all="ignore"):
         native, reference = F.gelu_backward(grad_y, x), definition(F.gelu_backward, grad_y, x)
     assert "gelu_backward" in kernel_calls
     assert_within(native, reference, gelu_backward_bound(grad_y, x, reference))
     assert np.all(np.isnan(native[np.isinf(x)]))  # as the definition: inf * phi(inf) = inf * 0
+
+
+def test_gelu_kernels_where_results_are_subnormal(numpy_backend) -> None:
+    """A dense grid over the window where erfc and phi are subnormal numbers (the bounds'
+    subnormal terms), with cotangents of all sizes."""
+    x = numpy_backend.asarray(np.linspace(-14.5, -12.5, 100_001).astype(F32))
+    grad_y = numpy_backend.asarray(random_array(1, x.shape, 3.0))
+    native, reference = F.gelu(x), definition(F.gelu, x)
+    assert_within(native, reference, gelu_bound(x, reference))
+    native, reference = F.gelu_backward(grad_y, x), definition(F.gelu_backward, grad_y, x)
+    assert_within(native, reference, gelu_backward_bound(grad_y, x, reference))
 
 
 # --- LayerNorm ----------------------------------------------------------------------------
