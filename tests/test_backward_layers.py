@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import tinytx
@@ -99,9 +99,38 @@ def richardson(perturbed_loss, value, direction) -> tuple[float, float]:
     return sum(differences), rounding
 
 
+def relu_margin(backend, module, inputs, **kwargs) -> float:
+    """The smallest |z| / rms(z) over the inputs z of the ReLUs in one forward (inf when
+    there are none).
+
+    Finite differences are only valid where the function is smooth along the whole
+    step: a ReLU input within a step of its kink makes D(h) mix the two slopes, for
+    every h down to the step (hypothesis found one at |z| = 1.2e-5, 2e-3 off)."""
+    from tinytx.layers import basic
+
+    margins = [math.inf]
+    relu = basic.ACTIVATIONS["relu"]
+
+    def watched(z):
+        host = to_host(backend, z)
+        rms = math.sqrt(float(np.mean(host * host))) if host.size else 0.0
+        if rms > 0:
+            margins.append(float(np.min(np.abs(host))) / rms)
+        return relu(z)
+
+    basic.ACTIVATIONS["relu"] = watched
+    try:
+        module(*inputs, **kwargs)
+    finally:
+        basic.ACTIVATIONS["relu"] = relu
+    return min(margins)
+
+
 def check_gradients(backend, module, inputs, rng, **kwargs) -> None:
     """Central differences along a random direction for every floating input and every
-    parameter, against one pullback of a random cotangent."""
+    parameter, against one pullback of a random cotangent. Draws with a ReLU input
+    within 1e-3 of its RMS from the kink (100 steps) are skipped: see :func:`relu_margin`."""
+    assume(relu_margin(backend, module, inputs, **kwargs) > 1e-3)
     output, pullback = tinytx.vjp(module, *inputs, **kwargs)
     cotangent = rng.standard_normal(tuple(output.shape))
     input_grads, param_grads = pullback(put(backend, cotangent))
