@@ -51,6 +51,7 @@ __all__ = [
     "enabled",
     "gelu",
     "gelu_backward",
+    "gelu_tanh",
     "layer_norm",
     "layer_norm_backward",
 ]
@@ -167,6 +168,25 @@ def _gelu_backward_kernel(grad_y: Any, x: Any, out: Any) -> None:
         out[i] = grad_y[i] * (xi if xi != xi else slope)  # NaN stays NaN
 
 
+_TANH_C = _F(math.sqrt(2.0 / math.pi))
+
+
+def _gelu_tanh_kernel(x: Any, out: Any) -> None:
+    """out = x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), GPT-2's GELU, with x
+    capped at +-1e4 as in the definition. Computed as x sigmoid(2u) = x / (1 + exp(-2u)),
+    the same number (1 + tanh(u) = 2 sigmoid(2u)) without 1 + tanh(u)'s cancellation
+    for negative x, and with this module's vectorizable exp. x, out: (n,) float32."""
+    for i in range(x.size):
+        xi = x[i]
+        inside = min(max(xi, _F(-1e4)), _F(1e4))  # (NaN stays NaN below)
+        u = _TANH_C * (inside + _F(0.044715) * inside * inside * inside)
+        # exp(-2u) past float32's range (x below about -9.3) is inf, so y = x / inf = -0,
+        # the definition's 0.5 x (1 + tanh u) = 0.5 x 0 (not _exp's clamped 1.7e38)
+        e = _exp(_F(-2.0) * u) if _F(-2.0) * u < _F(88.0) else _F(np.inf)
+        y = max(xi, _F(-1e4)) / (_F(1.0) + e)
+        out[i] = xi if xi != xi else y
+
+
 def _layer_norm_kernel(x: Any, weight: Any, bias: Any, eps: float, out: Any) -> int:
     """out[r] = (x[r] - mean) / sqrt(var + eps) * weight + bias for each row r, mean and
     (biased) var summed in float64. x, out: (rows, d) float32; weight, bias: (d,).
@@ -263,6 +283,7 @@ def _compile_all() -> dict[str, Any]:
     return {
         "gelu": jit(_gelu_kernel),
         "gelu_backward": jit(_gelu_backward_kernel),
+        "gelu_tanh": jit(_gelu_tanh_kernel),
         "layer_norm": jit_sums(_layer_norm_kernel),
         "layer_norm_backward": jit_sums(_layer_norm_backward_kernel),
     }
@@ -303,6 +324,11 @@ def _matrix(a: np.ndarray) -> np.ndarray:
 def gelu(x: np.ndarray, out: np.ndarray) -> None:
     """out = GELU(x), exact form. x: float32, any shape; out: C-contiguous, x's shape."""
     _kernel("gelu")(_flat(x), _into(out))
+
+
+def gelu_tanh(x: np.ndarray, out: np.ndarray) -> None:
+    """out = GELU(x), tanh form. x: float32, any shape; out: C-contiguous, x's shape."""
+    _kernel("gelu_tanh")(_flat(x), _into(out))
 
 
 def gelu_backward(grad_y: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "blockwise_attention_backward",
     "embedding_backward",
     "gelu",
+    "gelu_tanh",
     "get_num_threads",
     "layer_norm",
     "linear",
@@ -1141,6 +1142,18 @@ def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     return out
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """:func:`tinytx.functional.gelu` with ``approximate="tanh"`` (GPT-2's), for float32
+    with numba: the fused kernel of :mod:`tinytx.backends.numba_kernels`, within rounding
+    (it computes x sigmoid(2u), the same number as x/2 (1 + tanh u)). Anything else is
+    left to the definition (NotImplemented). x: any shape -> same shape."""
+    from tinytx.backends import numba_kernels
+
+    if not numba_kernels.covers(x):
+        return NotImplemented
+    return _blockwise(numba_kernels.gelu_tanh, x)
+
+
 NATIVES: dict[str, Callable[..., Any]] = {
     "softmax": softmax,
     "scaled_dot_product_attention": scaled_dot_product_attention,
@@ -1150,6 +1163,7 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "relu": relu,
     "linear": linear,
     "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
     "embedding_backward": embedding_backward,
     "matmul": matmul,
     "alibi_attention": alibi_attention,

@@ -34,7 +34,7 @@ SUBNORMAL = float(np.finfo(F32).smallest_subnormal)  # 2^-149
 # 3 (2.4 measured here for its AVX-512 loop; libm's is below 1); an ulp of a normal float
 # is at most eps times it.
 EXP_EPS = 1.5 + 3.0
-KERNEL_NAMES = ("gelu", "gelu_backward", "layer_norm", "layer_norm_backward")
+KERNEL_NAMES = ("gelu", "gelu_backward", "gelu_tanh", "layer_norm", "layer_norm_backward")
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
 scales = st.sampled_from([1e-3, 1.0, 6.0, 20.0])
@@ -155,6 +155,29 @@ def test_gelu_kernel_at_the_extremes(numpy_backend, kernel_calls) -> None:
     native, reference = F.gelu(x), definition(F.gelu, x)
     assert "gelu" in kernel_calls
     assert_within(native, reference, gelu_bound(x, reference))
+    assert native[np.isposinf(x)] == np.inf and native[np.isneginf(x)] == 0
+
+
+# GELU, tanh form: y = x/2 (1 + tanh u), u = c (x + a x^3). Per side: u carries five
+# roundings (three products, a sum of like signs, the product by c): |du| <= 5 u |u|,
+# and it moves 1 + tanh u by sech^2(u) |du| <= 5 u max(u sech^2 u) < 2.3 u. The
+# definition's tanh is within 4 ulp (NumPy's SIMD loops; an ulp of |t| < 1 is at most u),
+# 1 + t rounds by u; the kernel's 1 + exp(-2u) and its division round by u each and its
+# exp by 1.5 ulp, which moves 2 sigmoid(2u) by at most 2 s (1 - s) 1.5 eps <= 0.75 eps.
+# So 1 + t is off by at most (2.3 + 4 + 1) u per side, times |x| / 2; the last two
+# products round by u each relative to |y| <= |x|. Both sides: 5 eps |x| covers it.
+
+
+def test_gelu_tanh_kernel_equals_definition_everywhere(numpy_backend, kernel_calls) -> None:
+    grid = np.linspace(-30.0, 30.0, 200_001, dtype=F32)  # dense: where tanh saturates too
+    x = numpy_backend.asarray(np.concatenate([grid, extremes()]))
+    with np.errstate(all="ignore"):
+        native = F.gelu(x, approximate="tanh")
+        reference = definition(F.gelu, x, approximate="tanh")
+    assert "gelu_tanh" in kernel_calls
+    finite = np.isfinite(x)
+    bound = 5 * EPS * np.abs(x[finite].astype(np.float64)) + SUBNORMAL
+    assert_within(native[finite], reference[finite], bound)
     assert native[np.isposinf(x)] == np.inf and native[np.isneginf(x)] == 0
 
 
@@ -370,7 +393,7 @@ def test_numba_off_gives_the_numpy_natives(numpy_backend, kernel_calls, monkeypa
     grad_y = numpy_backend.asarray(random_array(1, (7, 9)))
     weight = random_array(2, (9,))
     all_four(x, grad_y, weight)
-    assert set(kernel_calls) == set(KERNEL_NAMES)
+    assert set(kernel_calls) == set(KERNEL_NAMES) - {"gelu_tanh"}
     kernel_calls.clear()
     monkeypatch.setenv("TINYTX_NUMBA", "0")
     assert not numba_kernels.enabled() and numba_kernels.available()

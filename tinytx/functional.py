@@ -193,6 +193,9 @@ def gelu(x: Array, approximate: str = "none") -> Array:
     xp = array_namespace(x)
     _require_float(x, "gelu input")
     if approximate == "tanh":
+        native_tanh = _native(xp, "gelu_tanh")
+        if native_tanh is not None and (y := native_tanh(x)) is not NotImplemented:
+            return y
         # Beyond |x| = 1e4 tanh(...) is exactly +-1, so capping x there changes nothing,
         # keeps x^3 from overflowing and gives 0.5 * (-1e4) * 0 = 0 at -inf (not NaN).
         inside = xp.clip(x, min=-1e4, max=1e4)  # (...)
