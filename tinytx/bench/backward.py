@@ -41,6 +41,7 @@ import numpy as np
 
 from tinytx.bench.common import (
     add_timing_arguments,
+    describe_machine,
     disagreeing_cases,
     format_table,
     machine_info,
@@ -312,8 +313,7 @@ def format_results(result: dict[str, Any]) -> str:
         f"forward + backward on {result['backend']}, threads {result['threads']}, median of "
         f"{result['repeats']} alternating runs after {result['warmup']} warm-up, "
         f"{result['pause_s']} s rest before each run",
-        f"{machine['processor']}, {machine['cpus']} cpus, numpy {machine['numpy']}, "
-        f"torch {machine.get('torch', 'not installed')}, BLAS {machine.get('blas', '?')}",
+        describe_machine(machine),
     ]
     if result["results"]:
         rows = with_verdicts(result["results"], "grads_agree", "grads")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tinytx.bench.common import (
+    describe_machine,
     format_table,
     machine_info,
     report,
@@ -319,7 +320,8 @@ def format_results(result: dict[str, Any]) -> str:
     )
     verdict = "met" if result["met"] else "missed"
     return (
-        f"{head}\n{format_table(result['rows'], ['impl', 'ms_per_step', 'peak_mib'])}\n"
+        f"{head}\n{describe_machine(result['machine'])}\n"
+        f"{format_table(result['rows'], ['impl', 'ms_per_step', 'peak_mib'])}\n"
         f"tinytx / torch = {result['ratio']:.2f} (target <= {result['target']}: {verdict}); "
         f"peak memory: {result['memory_method']}"
     )
