@@ -205,13 +205,23 @@ def _status_kib(field: str) -> int:
 
 def memory_child(side: str, backend_name: str = "numpy", steps: int = 3) -> int:
     """Peak growth of this process's resident set (bytes) over the optimizer's creation and
-    ``steps`` training steps of ``side`` ("tinytx" or "torch"): weights, activations,
-    gradients and optimizer state. Linux only (VmHWM); run it in a fresh process."""
+    ``steps`` training steps of ``side`` ("tinytx" or "torch"): activations, gradients and
+    optimizer state (the weights and one forward's lazily loaded code come before). Linux
+    only (VmHWM); run it in a fresh process."""
     from tinytx.backends import get_backend
 
     backend = get_backend(backend_name)
     settings, model, net = build(backend)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(12, 65))
+    # One forward first, outside the window: code loaded on first use (numba's compiled
+    # kernels and llvmlite, about 100 MB; torch's kernels) is not the step's memory.
+    if side == "tinytx":
+        model(backend.asarray(ids[:, :-1], dtype="int64"))
+    else:
+        import torch
+
+        with torch.no_grad():
+            net(torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:]))
     before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
     tinytx_step, torch_step = _steppers(settings, model, net, backend)
