@@ -851,6 +851,7 @@ def bench_attention(
 )
 @_bench_options(repeats=3, warmup=None, threads=2, threads_help="Same for both.")
 @click.option("--no-transformers", is_flag=True, help="Time tinytx alone.")
+@click.option("--int8", is_flag=True, help="Also time weight-only int8 (tinytx.quantize).")
 @click.pass_context
 def bench_generate(
     ctx: click.Context,
@@ -858,6 +859,7 @@ def bench_generate(
     repeats: int,
     threads: int,
     no_transformers: bool,
+    int8: bool,
     json_path: str | None,
 ) -> None:
     """GPT-2-small-shaped generation, cache on/off, against transformers' generate."""
@@ -865,7 +867,7 @@ def bench_generate(
 
     result = run(
         _backend(ctx).name, threads, contexts or CONTEXTS, repeats=repeats,
-        use_transformers=not no_transformers, progress=_progress,
+        use_transformers=not no_transformers, int8=int8, progress=_progress,
     )  # fmt: skip
     _report(format_results(result), result, json_path)
 

@@ -136,3 +136,23 @@ def test_sigmoid_native_equals_the_plugin_definition(
     assert np.all(np.abs(weights - ref_w) <= w_bound)
     out_bound = w_bound @ np.abs(v) + 2 * seq_k * eps * (ref_w @ np.abs(v))
     assert np.all(np.abs(out - ref_out) <= out_bound)
+
+
+def test_bench_generate_passes_int8_through(monkeypatch) -> None:
+    """The CLI is a thin face: `tinytx bench generate --int8` asks run() for int8 timings."""
+    from click.testing import CliRunner
+
+    import tinytx.bench.generate as bench_generate
+    from tinytx.cli import cli
+
+    asked = {}
+
+    def fake_run(backend, threads, contexts, **kwargs):
+        asked.update(kwargs, contexts=tuple(contexts))
+        return {"fake": True}
+
+    monkeypatch.setattr(bench_generate, "run", fake_run)
+    monkeypatch.setattr(bench_generate, "format_results", lambda result: "table")
+    result = CliRunner().invoke(cli, ["bench", "generate", "--context", "64", "--int8"])
+    assert result.exit_code == 0, result.output
+    assert asked["int8"] is True and asked["contexts"] == (64,)
