@@ -34,6 +34,7 @@ from tinytx.backends.numba_softmax import softmax_numerator
 
 __all__ = [
     "NATIVES",
+    "adamw_update",
     "blockwise_attention",
     "blockwise_attention_backward",
     "embedding_backward",
@@ -1154,6 +1155,26 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return _blockwise(numba_kernels.gelu_tanh, x)
 
 
+def adamw_update(
+    p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, decay: bool,
+    decay_factor: float, beta1: float, beta2: float, bias_correction2_sqrt: float,
+    eps: float, step_size: float,
+) -> Any:  # fmt: skip
+    """:meth:`tinytx.optim.AdamW.step`'s update of one parameter, in place, with numba:
+    one compiled pass with the same operations in the same order (bit for bit; see
+    :func:`tinytx.backends.numba_kernels.adamw_update`). NotImplemented without numba or
+    for arrays it does not take; the definition then runs."""
+    from tinytx.backends import numba_kernels
+
+    if not numba_kernels.enabled():
+        return NotImplemented
+    done = numba_kernels.adamw_update(
+        p, g, m, v, decay=decay, decay_factor=decay_factor, beta1=beta1, beta2=beta2,
+        bias_correction2_sqrt=bias_correction2_sqrt, eps=eps, step_size=step_size,
+    )  # fmt: skip
+    return None if done else NotImplemented
+
+
 NATIVES: dict[str, Callable[..., Any]] = {
     "softmax": softmax,
     "scaled_dot_product_attention": scaled_dot_product_attention,
@@ -1164,6 +1185,7 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "linear": linear,
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
+    "adamw_update": adamw_update,
     "embedding_backward": embedding_backward,
     "matmul": matmul,
     "alibi_attention": alibi_attention,

@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from tinytx.backends import Backend, BackendUnavailable, backend_names, get_backend
+from tinytx.backends import (
+    Backend,
+    BackendUnavailable,
+    backend_names,
+    get_backend,
+    native_function,
+)
 
 Array = Any
 DecayRule = Callable[[str, Array], bool] | Collection[str] | None
@@ -244,10 +250,18 @@ class AdamW:
         # Python floats (double), as PyTorch computes them.
         step_size = lr / (1 - beta1**self.t)  # lr / bias correction of m
         bias_correction2_sqrt = (1 - beta2**self.t) ** 0.5  # sqrt(bias correction of v)
+        native = native_function(xp, "adamw_update")  # the same numbers in one pass
         for key, p in self.params.items():
             g = grads[key]  # like p
             m, v = self.exp_avg[key], self.exp_avg_sq[key]  # like p
-            if key in self.decayed and self.weight_decay != 0:
+            decay = key in self.decayed and self.weight_decay != 0
+            if native is not None and native(
+                p, g, m, v, decay=decay, decay_factor=1 - lr * self.weight_decay,
+                beta1=beta1, beta2=beta2, bias_correction2_sqrt=bias_correction2_sqrt,
+                eps=eps, step_size=step_size,
+            ) is not NotImplemented:  # fmt: skip
+                continue
+            if decay:
                 p[...] = p * (1 - lr * self.weight_decay)  # like p: p (1 - lr wd)
             m[...] = m + (1 - beta1) * (g - m)  # like p: torch's m.lerp_(g, 1 - b1)
             v[...] = v * beta2 + (1 - beta2) * g * g  # like p
