@@ -686,7 +686,12 @@ def _attention_whole(
     bias = None
     if mask is not None:  # (batch, heads, seq_q, seq_k), a view
         bias = np.broadcast_to(_additive(mask, weights.dtype), weights.shape)
-    _softmax_rows(weights, weights, bias)  # scores -> weights, in place
+    # float32 with numba: exp(s - max) and the row sums in one compiled pass, then divide
+    total = softmax_numerator(weights, [] if bias is None else [bias])  # (..., seq_q, 1)
+    if total is not None:
+        np.divide(weights, total, out=weights)  # the weights
+    else:
+        _softmax_rows(weights, weights, bias)  # scores -> weights, in place
     return np.matmul(weights, v), weights  # (batch, heads, seq_q, d_v), weights
 
 
