@@ -16,9 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from tinytx.backends.numpy_natives import _as_rows, _blockwise, _for_each_block
+from tinytx.backends import numpy_natives
+from tinytx.backends.numpy_natives import (
+    _as_rows,
+    _blockwise,
+    _can_pin_blas,
+    _for_each_block,
+    _map_with_blas_on_pool,
+    get_num_threads,
+)
 
-__all__ = ["BACKWARD_NATIVES", "gelu_backward", "layer_norm_backward"]
+__all__ = ["BACKWARD_NATIVES", "gelu_backward", "layer_norm_backward", "linear_backward"]
 
 
 def gelu_backward(grad_y: np.ndarray, x: np.ndarray, approximate: str = "none") -> np.ndarray:
@@ -125,7 +133,45 @@ def layer_norm_backward(
     return grad_x, (None if weight is None else grad_weight), grad_bias
 
 
+def linear_backward(
+    grad_y: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: bool = True
+) -> Any:
+    """Same as :func:`tinytx.functional.linear_backward`: dx = dy W, dW = dy^T x, db = the
+    sum of dy's rows; the same BLAS products and the same sum, run side by side.
+
+    The two products have the same number of multiply-adds (n d_out d_in), so instead of
+    splitting each over the pool in turn (two hand-offs and two waits), the calling
+    thread computes dx while one pool thread computes dW and db, each on a
+    single-threaded BLAS: one hand-off, one wait, and each product whole.
+    grad_y: (..., d_out); x: (..., d_in); weight: (d_out, d_in) -> (dx, dW, db or None).
+    Left to the definition (NotImplemented): one thread, mixed dtypes, a BLAS whose
+    threads tinytx cannot hold to one, or products too small to be worth a hand-off.
+    """
+    d_out, d_in = weight.shape
+    n = math.prod(x.shape[:-1])
+    if get_num_threads() < 2 or not _can_pin_blas():
+        return NotImplemented
+    if grad_y.dtype != x.dtype or weight.dtype != x.dtype or x.dtype.kind != "f":
+        return NotImplemented
+    if 2 * n * d_out * d_in < numpy_natives._THREADED_MIN_FLOPS_PER_THREAD:  # hand-off costs more
+        return NotImplemented
+    rows_dy = grad_y.reshape(n, d_out)  # (n, d_out)
+    rows_x = x.reshape(n, d_in)  # (n, d_in)
+    results: dict[str, Any] = {}
+
+    def product(which: str) -> None:
+        if which == "dx":
+            results["dx"] = np.matmul(rows_dy, weight)  # (n, d_in)
+        else:
+            results["dw"] = np.matmul(rows_dy.T, rows_x)  # (d_out, d_in)
+            results["db"] = np.sum(rows_dy, axis=0) if bias else None  # (d_out,)
+
+    _map_with_blas_on_pool(product, ["dx", "dw"])  # the caller takes "dx"
+    return results["dx"].reshape(*x.shape[:-1], d_in), results["dw"], results["db"]
+
+
 BACKWARD_NATIVES = {
     "gelu_backward": gelu_backward,
     "layer_norm_backward": layer_norm_backward,
+    "linear_backward": linear_backward,
 }

@@ -18,7 +18,7 @@ import tinytx
 from tinytx import functional as F
 from tinytx.backends import numpy_backward_natives, numpy_natives
 
-BACKWARD_NAMES = ("gelu_backward", "layer_norm_backward")
+BACKWARD_NAMES = ("gelu_backward", "layer_norm_backward", "linear_backward")
 DTYPES = (np.float32, np.float64)
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
@@ -99,6 +99,7 @@ def test_linear_backward_splits_rows_between_threads(numpy_backend, monkeypatch,
     threads, and the gradients stay within the dot products' rounding of the definition's."""
     monkeypatch.setattr(numpy_natives, "_POOL_ROWS_PER_THREAD", 1)
     monkeypatch.setattr(numpy_natives, "_THREADED_MIN_FLOPS_PER_THREAD", 0)
+    monkeypatch.delitem(numpy_backend.natives, "linear_backward")  # the definition's path
     splits = []
     original = numpy_natives._rows_on_pool
     monkeypatch.setattr(
@@ -122,3 +123,71 @@ def test_linear_backward_splits_rows_between_threads(numpy_backend, monkeypatch,
     for got, want, bound in zip(native, reference, bounds, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert np.all(np.abs(got - want) <= bound)
+
+
+def linear_backward_bounds(grad_y, x, weight):
+    """|native - definition| bounds for (dx, dW, db): 2 (terms + 1) eps sum |a_i b_i| for
+    each dot product (both sides round), and the row sums NumPy's same sum: equal."""
+    lead, d_out, d_in = grad_y.shape[:-1], weight.shape[0], weight.shape[1]
+    rows = int(np.prod(lead))
+    eps = np.finfo(x.dtype).eps
+    dy, xs = np.abs(grad_y).reshape(rows, d_out), np.abs(x).reshape(rows, d_in)
+    return [
+        2 * (d_out + 1) * eps * (dy @ np.abs(weight)).reshape(*lead, d_in),
+        2 * (rows + 1) * eps * (dy.T @ xs),
+        np.zeros(d_out),
+    ]
+
+
+@given(
+    lead=st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
+    d_in=st.integers(1, 9),
+    d_out=st.integers(1, 9),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_linear_backward_native_equals_definition(
+    numpy_backend, lead, d_in, d_out, bias, seed, dtype
+) -> None:
+    """dx on the calling thread, dW and db on a pool thread: the definition's products
+    and sum, so its numbers to the products' rounding, db exactly."""
+    threshold = numpy_natives._THREADED_MIN_FLOPS_PER_THREAD
+    numpy_natives._THREADED_MIN_FLOPS_PER_THREAD = 0  # every size takes the native
+    try:
+        x = random_array(seed, (*lead, d_in), dtype)
+        weight = random_array(seed + 1, (d_out, d_in), dtype)
+        grad_y = random_array(seed + 2, (*lead, d_out), dtype)
+        native = numpy_backward_natives.linear_backward(grad_y, x, weight, bias)
+        reference = definition(F.linear_backward, grad_y, x, weight, bias)
+    finally:
+        numpy_natives._THREADED_MIN_FLOPS_PER_THREAD = threshold
+    assert native is not NotImplemented
+    bounds = linear_backward_bounds(grad_y, x, weight)
+    for got, want, bound in zip(native[:2], reference[:2], bounds, strict=False):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert np.all(np.abs(got - want) <= bound)
+    if bias:
+        np.testing.assert_array_equal(native[2], reference[2])
+    else:
+        assert native[2] is None and reference[2] is None
+
+
+def test_linear_backward_native_runs_the_two_products_side_by_side(
+    numpy_backend, monkeypatch
+) -> None:
+    monkeypatch.setattr(numpy_natives, "_THREADED_MIN_FLOPS_PER_THREAD", 0)
+    jobs = []
+    original = numpy_backward_natives._map_with_blas_on_pool
+    monkeypatch.setattr(
+        numpy_backward_natives,
+        "_map_with_blas_on_pool",
+        lambda work, todo: jobs.append(list(todo)) or original(work, todo),
+    )
+    x, weight, grad_y = (random_array(s, shape, np.float32)
+                         for s, shape in ((0, (5, 3)), (1, (4, 3)), (2, (5, 4))))  # fmt: skip
+    F.linear_backward(grad_y, x, weight)
+    if numpy_natives._can_pin_blas():
+        assert jobs == [["dx", "dw"]]
+    numpy_natives.set_num_threads(1)  # one thread: the definition's path
+    assert numpy_backward_natives.linear_backward(grad_y, x, weight) is NotImplemented

@@ -578,6 +578,9 @@ def linear_backward(
     xp = array_namespace(grad_y, x, weight)
     d_out, d_in = weight.shape
     _check_cotangent(grad_y, (*x.shape[:-1], d_out), x.dtype, "linear_backward")
+    native = _native(xp, "linear_backward")
+    if native is not None and (grads := native(grad_y, x, weight, bias)) is not NotImplemented:
+        return grads
     rows_dy = xp.reshape(grad_y, (-1, d_out))  # (n, d_out)
     rows_x = xp.reshape(x, (-1, d_in))  # (n, d_in)
     grad_x = xp.reshape(matmul(rows_dy, weight), (*x.shape[:-1], d_in))  # (..., d_in)
