@@ -23,11 +23,12 @@ linear native (which calls this) against it.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
 import numpy as np
+
+from tinytx.backends import numba_kernels
 
 __all__ = ["MAX_ROWS", "few_rows_matmul", "kernel_available"]
 
@@ -38,50 +39,35 @@ __all__ = ["MAX_ROWS", "few_rows_matmul", "kernel_available"]
 MAX_ROWS = 8
 
 _kernel: Any = None
-_missing: str | None = None
-
-
-def _enabled() -> bool:
-    return os.environ.get("TINYTX_NUMBA", "1").strip() not in ("0", "false", "no", "off")
-
-
-_compile_lock = threading.Lock()
+_compile_lock = threading.Lock()  # one thread compiles; others wait for it
 
 
 def _compile() -> Any:
-    """The numba kernel, compiled on first use (cached on disk); None without numba."""
-    with _compile_lock:  # one thread compiles; others wait for it
-        return _compile_once()
+    """The numba kernel, compiled on first use (cached on disk). Call only when
+    :func:`tinytx.backends.numba_kernels.enabled` (numba imported)."""
+    global _kernel
+    with _compile_lock:
+        if _kernel is None:
+            numba = numba_kernels._numba
 
+            @numba.njit(parallel=True, fastmath=True, cache=True)
+            def kernel(x: Any, w: Any, bias: Any, out: Any) -> None:  # pragma: no cover
+                rows, d_in = x.shape
+                has_bias = bias.shape[0] > 0  # an empty bias: none
+                for o in numba.prange(w.shape[0]):  # output rows shared between threads
+                    for r in range(rows):
+                        total = x.dtype.type(0.0)
+                        for i in range(d_in):  # one contiguous row of W, vectorized
+                            total += x[r, i] * w[o, i]
+                        out[r, o] = total + bias[o] if has_bias else total
 
-def _compile_once() -> Any:
-    global _kernel, _missing
-    if _kernel is not None or _missing is not None:
-        return _kernel
-    try:
-        import numba
-    except ImportError as err:
-        _missing = str(err)
-        return None
-
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def kernel(x: Any, w: Any, bias: Any, out: Any) -> None:  # pragma: no cover (compiled)
-        rows, d_in = x.shape
-        has_bias = bias.shape[0] > 0  # an empty bias: none
-        for o in numba.prange(w.shape[0]):  # output rows shared between threads
-            for r in range(rows):
-                total = x.dtype.type(0.0)
-                for i in range(d_in):  # one contiguous row of W, vectorized
-                    total += x[r, i] * w[o, i]
-                out[r, o] = total + bias[o] if has_bias else total
-
-    _kernel = kernel
-    return kernel
+            _kernel = kernel
+    return _kernel
 
 
 def kernel_available() -> bool:
     """Whether :func:`few_rows_matmul` runs here (numba installed, TINYTX_NUMBA not 0)."""
-    return _enabled() and _compile() is not None
+    return numba_kernels.enabled()
 
 
 _threads = threading.local()  # .count: numba's thread count last set on this thread
@@ -114,11 +100,9 @@ def few_rows_matmul(
         return None
     if bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1]):
         return None
-    if not _enabled():
+    if not numba_kernels.enabled():
         return None
     kernel = _compile()
-    if kernel is None:
-        return None
     _set_threads(threads)
     out = np.empty((rows, weight.shape[0]), dtype=x.dtype)  # (rows, d_out)
     no_bias = np.empty(0, dtype=x.dtype)  # (0,): the kernel adds nothing

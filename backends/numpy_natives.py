@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from tinytx.backends.matvec_kernels import few_rows_matmul
-from tinytx.backends.numba_softmax import softmax_numerator
+from tinytx.backends.numba_kernels import softmax_numerator
 
 __all__ = [
     "NATIVES",
@@ -1161,23 +1161,17 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 def adamw_update(
-    p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, decay: bool,
-    decay_factor: float, beta1: float, beta2: float, bias_correction2_sqrt: float,
-    eps: float, step_size: float,
-) -> Any:  # fmt: skip
+    p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, **constants: Any
+) -> Any:
     """:meth:`tinytx.optim.AdamW.step`'s update of one parameter, in place, with numba:
-    one compiled pass with the same operations in the same order (bit for bit; see
-    :func:`tinytx.backends.numba_kernels.adamw_update`). NotImplemented without numba or
-    for arrays it does not take; the definition then runs."""
+    one compiled pass with the same operations in the same order (bit for bit; the
+    keyword constants are :func:`tinytx.backends.numba_kernels.adamw_update`'s).
+    NotImplemented without numba or for arrays it does not take; the definition runs."""
     from tinytx.backends import numba_kernels
 
     if not numba_kernels.enabled():
         return NotImplemented
-    done = numba_kernels.adamw_update(
-        p, g, m, v, decay=decay, decay_factor=decay_factor, beta1=beta1, beta2=beta2,
-        bias_correction2_sqrt=bias_correction2_sqrt, eps=eps, step_size=step_size,
-    )  # fmt: skip
-    return None if done else NotImplemented
+    return None if numba_kernels.adamw_update(p, g, m, v, **constants) else NotImplemented
 
 
 NATIVES: dict[str, Callable[..., Any]] = {

@@ -1,4 +1,5 @@
-"""Test helper shared by the natives tests: run a function's readable definition."""
+"""Test helpers shared by the natives tests: run a function's readable definition, and
+the rounding bound of a linear layer's products."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tinytx import functional as F
@@ -30,3 +32,12 @@ def without_numba() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TINYTX_NUMBA", "0")
         yield
+
+
+def linear_bound(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """|native - definition| bound for y = x W^T + b: 2 (d_in + 1) eps (|x| |W|^T + |b|)."""
+    eps = np.finfo(x.dtype).eps
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
+    if bias is not None:
+        magnitude = magnitude + np.abs(bias)
+    return 2 * (x.shape[-1] + 1) * eps * magnitude

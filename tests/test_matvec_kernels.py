@@ -12,22 +12,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from native_helpers import definition
+from native_helpers import definition, linear_bound
 
 import tinytx
 from tinytx import functional as F
 from tinytx.backends import matvec_kernels
 
 pytest.importorskip("numba", reason="the few-rows kernel needs numba (pip install 'tinytx[fast]')")
-
-
-def bound(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """2 (d_in + 1) eps (|x| |W|^T + |b|): a dot product's rounding, in any order."""
-    eps = np.finfo(x.dtype).eps
-    magnitude = np.abs(x).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
-    if bias is not None:
-        magnitude = magnitude + np.abs(bias)
-    return 2 * (x.shape[-1] + 1) * eps * magnitude
 
 
 @settings(max_examples=40, deadline=None)  # the first example compiles (or loads) the kernel
@@ -48,7 +39,7 @@ def test_kernel_equals_the_definition(rows, d_in, d_out, with_bias, dtype, seed,
     y = matvec_kernels.few_rows_matmul(x, weight, bias, threads)
     reference = definition(F.linear, x, weight, bias)
     assert y is not None and y.dtype == dtype and y.shape == (rows, d_out)
-    assert np.all(np.abs(y - reference) <= bound(x, weight, bias))
+    assert np.all(np.abs(y - reference) <= linear_bound(x, weight, bias))
 
 
 def test_linear_uses_the_kernel_for_a_decode_row(monkeypatch) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from native_helpers import definition, without_numba
+from native_helpers import definition, linear_bound, without_numba
 
 import tinytx
 from tinytx import functional as F
@@ -83,15 +83,6 @@ def random_array(seed: int, shape: tuple[int, ...], dtype) -> np.ndarray:
 # result (a dot product of n terms: |error| <= n eps sum |a_i b_i|, Higham 2002, 3.1), so
 # they differ by at most twice that; the tolerances below are those bounds, element by
 # element, never a flat guess.
-
-
-def linear_bound(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """|native - definition| bound for y = x W^T + b: 2 (d_in + 1) eps (|x| |W|^T + |b|)."""
-    eps = np.finfo(x.dtype).eps
-    magnitude = np.abs(x).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
-    if bias is not None:
-        magnitude = magnitude + np.abs(bias)
-    return 2 * (x.shape[-1] + 1) * eps * magnitude
 
 
 def attention_bounds(q, k, v, weights, scale, *, blocks: int = 1):

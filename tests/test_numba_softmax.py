@@ -1,14 +1,15 @@
-"""The attention tiles' compiled softmax numerator (backends/numba_softmax.py).
+"""The attention tiles' compiled softmax numerator (numba_kernels.softmax_numerator).
 
 Checked two ways: the numerator and row totals of one tile against NumPy's
 ``_softmax_block`` (the natives' softmax, itself the definition bit for bit), and whole
 attention without weights against the readable definition, with special scores (+-inf,
 NaN, rows with nothing allowed) that must go back to NumPy.
 
-Tolerance of the tile check: NumPy's exp and the kernel's are each within about one ulp
-(the kernel's within 1.2, see numba_kernels), and a float32 sum of n numbers in any order
-is within (n - 1) eps of the exact sum relative to the sum of magnitudes (all terms are
-positive here): so each exponential within 3 eps relative, each total within (n + 2) eps.
+Tolerance of the tile check: both sides exponentiate the same float32 difference s - m;
+the kernel's exp is within 1.5 ulp and NumPy's float32 exp within 3 (the budget
+tests/test_numba_kernels.py allows it), and an ulp is at most eps relative: each
+exponential within 4.5 eps relative. A float32 sum of n positive numbers in any order is
+within (n - 1) eps of the exact sum relative to it, so each total within (n + 4.5) eps.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from native_helpers import definition
 
 import tinytx
 from tinytx import functional as F
-from tinytx.backends import numba_kernels, numba_softmax, numpy_natives
+from tinytx.backends import numba_kernels, numpy_natives
 
 pytest.importorskip("numba", reason="the compiled kernels need numba (pip install 'tinytx[fast]')")
 
@@ -45,12 +46,12 @@ def test_numerator_equals_numpys(rows, n, spread, masked, seed) -> None:
         allowed[0, 0] = False
         biases = [numpy_natives._additive(allowed, np.dtype(np.float32))]
     w = scores.copy()
-    totals = numba_softmax.softmax_numerator(w, biases)
+    totals = numba_kernels.softmax_numerator(w, biases)
     w_ref = scores.copy()
     totals_ref = numpy_natives._softmax_block(w_ref, None, biases, normalize=False)
     assert totals is not None and totals.shape == totals_ref.shape == (2, rows, 1)
-    assert np.all(np.abs(w - w_ref) <= 3 * EPS * w_ref + np.finfo(np.float32).tiny)
-    assert np.all(np.abs(totals - totals_ref) <= (n + 2) * EPS * totals_ref)
+    assert np.all(np.abs(w - w_ref) <= 4.5 * EPS * w_ref + np.finfo(np.float32).tiny)
+    assert np.all(np.abs(totals - totals_ref) <= (n + 4.5) * EPS * totals_ref)
     if masked:
         assert np.all(w[0, 0] == 0) and totals[0, 0, 0] == 1  # nothing allowed: output 0
 
@@ -60,7 +61,7 @@ def test_an_infinite_or_nan_score_goes_back_to_numpy(special) -> None:
     w = np.zeros((1, 2, 4), dtype=np.float32)
     w[0, 1, 2] = special
     before = w.copy()
-    assert numba_softmax.softmax_numerator(w, []) is None
+    assert numba_kernels.softmax_numerator(w, []) is None
     np.testing.assert_array_equal(w, before)  # nothing exponentiated
 
 
@@ -89,10 +90,10 @@ def test_attention_without_weights_with_special_scores(special, masked) -> None:
 def test_kernels_off_leave_the_tile_to_numpy(monkeypatch) -> None:
     monkeypatch.setenv("TINYTX_NUMBA", "0")
     assert not numba_kernels.enabled()
-    assert numba_softmax.softmax_numerator(np.zeros((1, 1, 3), np.float32), []) is None
+    assert numba_kernels.softmax_numerator(np.zeros((1, 1, 3), np.float32), []) is None
 
 
 def test_float64_and_strided_tiles_are_left_to_numpy() -> None:
-    assert numba_softmax.softmax_numerator(np.zeros((1, 2, 3)), []) is None  # float64
+    assert numba_kernels.softmax_numerator(np.zeros((1, 2, 3)), []) is None  # float64
     strided = np.zeros((1, 4, 6), np.float32)[..., ::2]
-    assert numba_softmax.softmax_numerator(strided, []) is None
+    assert numba_kernels.softmax_numerator(strided, []) is None

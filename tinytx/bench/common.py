@@ -244,13 +244,13 @@ def _compiled_kernels() -> str:
     """Whether tinytx's optional compiled kernels ran: 'numba X.Y' (``tinytx[fast]``
     installed, TINYTX_NUMBA not 0), else why not. They change the figures, so every
     benchmark says."""
-    if os.environ.get("TINYTX_NUMBA", "1").strip() in ("0", "false", "no", "off"):
-        return "off (TINYTX_NUMBA=0)"
-    try:
-        import numba
-    except ImportError:
+    from tinytx.backends import numba_kernels
+
+    if not numba_kernels.available():
         return "none (numba not installed: pip install 'tinytx[fast]')"
-    return f"numba {numba.__version__}"
+    if not numba_kernels.enabled():
+        return "off (TINYTX_NUMBA=0)"
+    return f"numba {numba_kernels._numba.__version__}"
 
 
 def describe_machine(info: Mapping[str, Any]) -> str:
