@@ -259,7 +259,9 @@ def run(
     the target, and the worst relative gradient difference between the two sides.
     """
     import tinytx
+    from tinytx.backends.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # as tinytx train does; torch's side shares the process
     backend = tinytx.get_backend(backend_name)
     chosen = list(CASE_NAMES) if not cases else list(cases)
     unknown = [name for name in chosen if name not in CASE_NAMES]

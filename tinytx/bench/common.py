@@ -198,7 +198,7 @@ def machine_info() -> dict[str, Any]:
     """The machine, for the record: processor (and its widest vector units), cores, the
     BLAS NumPy uses with its kernel and thread count (via threadpoolctl), tinytx's pool
     threads, library versions. :func:`describe_machine` makes it one line."""
-    from tinytx.backends import numpy_natives
+    from tinytx.backends import host_memory, numpy_natives
 
     try:
         usable = len(os.sched_getaffinity(0))
@@ -215,6 +215,7 @@ def machine_info() -> dict[str, Any]:
         "tinytx_threads": numpy_natives.get_num_threads(),
         "numpy": np.__version__,
         "compiled_kernels": _compiled_kernels(),
+        "malloc_keeps_freed_bytes": host_memory.kept_bytes(),
     }
     if hasattr(os, "getloadavg"):  # other work on the machine while this ran
         info["load_average_1min"] = os.getloadavg()[0]
@@ -271,6 +272,9 @@ def describe_machine(info: Mapping[str, Any]) -> str:
         f"numpy {info['numpy']}",
         f"compiled kernels: {info.get('compiled_kernels', '?')}",
     ]
+    kept = info.get("malloc_keeps_freed_bytes")
+    if kept is not None:  # set by keep_freed_memory (training and its benchmarks)
+        parts.append(f"malloc keeps up to {kept // 2**20} MiB freed")
     if "load_average_1min" in info:
         parts.append(f"load average {info['load_average_1min']:.1f} (other work)")
     if "torch" in info:

@@ -209,7 +209,9 @@ def memory_child(side: str, backend_name: str = "numpy", steps: int = 3) -> int:
     optimizer state (the weights and one forward's lazily loaded code come before). Linux
     only (VmHWM); run it in a fresh process."""
     from tinytx.backends import get_backend
+    from tinytx.backends.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # as in the timed runs (and tinytx train)
     backend = get_backend(backend_name)
     settings, model, net = build(backend)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(12, 65))
@@ -266,10 +268,12 @@ def run(
 ) -> dict[str, Any]:
     """Time ``steps_per_run`` training steps per run, alternating tinytx and torch."""
     from tinytx.backends import get_backend
+    from tinytx.backends.host_memory import keep_freed_memory
     from tinytx.data import random_windows
 
     backend = get_backend(backend_name)
     threads_report = set_threads(threads)
+    keep_freed_memory()  # as tinytx train does; torch's side shares the process
     if not torch or torch_or_none() is None:
         raise RuntimeError("tinytx bench train compares with PyTorch: pip install torch")
     settings, model, net = build(backend)
