@@ -104,9 +104,17 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_this_thread = threading.local()  # .threads: the count for work running on this thread
+
+
 def get_num_threads() -> int:
-    """Threads used for the element-wise passes ($TINYTX_NUM_THREADS, else every core)."""
+    """Threads used for the element-wise passes ($TINYTX_NUM_THREADS, else every core);
+    1 inside :func:`_one_thread_here` (a part of a batch already running on its own thread).
+    """
     global _num_threads
+    here = getattr(_this_thread, "threads", None)
+    if here is not None:
+        return here
     if _num_threads is None:
         _num_threads = _default_threads()
     return _num_threads
@@ -122,6 +130,18 @@ def set_num_threads(n: int) -> None:
             _pool.shutdown(wait=True)
             _pool = None
         _num_threads = n
+
+
+@contextmanager
+def _one_thread_here() -> Iterator[None]:
+    """Inside, natives called from this thread run on it alone (no pool, no BLAS threads):
+    for work that is itself one of several shares running side by side on the pool."""
+    previous = getattr(_this_thread, "threads", None)
+    _this_thread.threads = 1
+    try:
+        yield
+    finally:
+        _this_thread.threads = previous
 
 
 def _forget_pool() -> None:
@@ -437,6 +457,84 @@ def _map_with_blas_on_pool(work: Callable[[Any], None], jobs: Sequence[Any]) -> 
     caller_too = not any(_per_thread(lib) for lib in _blas_libs or [])
     with _blas_single_threaded():
         _run_shares(work_as_caller, jobs, caller_too=caller_too)
+
+
+# --- a training step: the batch in parts, side by side --------------------------------------
+
+# A part is worth its own thread when it has at least this many positions (tokens). The
+# rule: a part is a whole forward and backward, some 20-40 Python-level calls per layer
+# that hold the GIL (tens of microseconds each) and so run one part at a time; only
+# the arithmetic runs side by side. A part of 256 positions has products of 256 rows
+# (8 or more panels of a BLAS micro-kernel per product) whose arithmetic outweighs its
+# calls' Python time; with fewer, the parts mostly queue for the GIL.
+_PART_MIN_POSITIONS = 256
+
+
+def _cores_for(parts: int) -> list[int | None]:
+    """One core for each of ``parts`` threads (the ones this process may use, in turn), or
+    None for each where cores cannot be chosen (not on Linux)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return [None] * parts
+    usable = sorted(os.sched_getaffinity(0))
+    return [usable[i % len(usable)] for i in range(parts)]
+
+
+@contextmanager
+def _on_core(core: int | None) -> Iterator[None]:
+    """Inside, the calling thread runs on ``core`` only; its own cores are given back after."""
+    if core is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def sum_over_batch_parts(
+    work: Callable[[np.ndarray, np.ndarray], tuple[float, dict[str, np.ndarray]]],
+    ids: np.ndarray,
+    targets: np.ndarray,
+) -> Any:
+    """Same as ``work(ids, targets)`` where ``work``'s results add up over the batch's
+    sequences (a loss's share and its gradients: see tinytx.backward's
+    ``_loss_share_and_grads``): the batch is cut into one part of whole sequences per
+    thread, each part computed on its own thread with the natives and BLAS held to that
+    thread, and the parts' results added in part order (so every run adds the same way).
+
+    This is data parallelism, as PyTorch's DistributedDataParallel does across
+    processes: the threads share no work inside an operation, so no operation waits for
+    another thread, and the whole forward and backward of a part (the small products,
+    the element-wise passes, the attention of a few heads) runs side by side with the
+    other part's. Splitting each operation between threads instead hands off and waits
+    some 30 times per layer.
+
+    ids, targets: integer (batch, seq) -> (the sum of the parts' numbers, {key: the sum of
+    the parts' arrays}); NotImplemented (the caller computes the batch whole) with one
+    thread, one sequence, or parts under ``_PART_MIN_POSITIONS`` positions.
+    """
+    batch = ids.shape[0]
+    parts = min(get_num_threads(), batch, ids.size // _PART_MIN_POSITIONS)
+    if parts < 2 or not _can_pin_blas():
+        return NotImplemented
+    size = -(-batch // parts)  # sequences per part, rounded up
+    shares = [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+    results: list[Any] = [None] * len(shares)
+
+    cores = _cores_for(len(shares))
+
+    def part(index: int) -> None:
+        with _one_thread_here(), _on_core(cores[index]):
+            results[index] = work(ids[shares[index]], targets[shares[index]])
+
+    _map_with_blas_on_pool(part, range(len(shares)))
+    total, arrays = results[0]
+    for number, more in results[1:]:  # in part order
+        total += number
+        arrays = {key: arrays[key] + more[key] for key in arrays}
+    return total, arrays
 
 
 # --- attention -------------------------------------------------------------------------
@@ -1186,6 +1284,7 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "gelu_tanh": gelu_tanh,
     "adamw_update": adamw_update,
     "embedding_backward": embedding_backward,
+    "sum_over_batch_parts": sum_over_batch_parts,
     "matmul": matmul,
     "alibi_attention": alibi_attention,
     "sigmoid_attention": sigmoid_attention,

@@ -14,6 +14,7 @@ the chain rule applied from the loss back to the inputs, one module's backward a
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
@@ -132,9 +133,38 @@ def loss_and_grads(model: Module, ids: Array, targets: Array) -> tuple[float, di
             f"targets must be token ids in [0, {vocab}) or -100 (ignored), got values from "
             f"{int(xp.min(targets))} to {int(xp.max(targets))}"
         )
+    kept = int(xp.sum(xp.astype(targets != -100, xp.int64)))  # N: positions the mean runs over
+    in_parts = model.backend.natives.get("sum_over_batch_parts")  # numpy: one part per thread
+    if in_parts is not None:
+        result = in_parts(partial(_loss_share_and_grads, model, kept=kept), ids, targets)
+        if result is not NotImplemented:  # the parts' shares, added up
+            loss, grads = result
+            return loss, _in_parameter_order(model, grads)
+    loss, grads = _loss_share_and_grads(model, ids, targets, kept=kept)  # the whole batch
+    return loss, _in_parameter_order(model, grads)
+
+
+def _loss_share_and_grads(
+    model: Module, ids: Array, targets: Array, *, kept: int
+) -> tuple[float, dict[str, Array]]:
+    """The share of the loss held by the sequences in ``ids`` when the mean runs over
+    ``kept`` positions in all, and its gradients:
+
+        share = (n / kept) * mean over the n kept positions of ids of the cross-entropy
+
+    For the whole batch (n = kept) this is the loss itself, with weight exactly 1. For a
+    part of the batch the shares of the parts add up to the loss, and so do their
+    gradients (a sum of the positions' terms, split into parts): this is how a batch can be
+    computed in parts side by side (the numpy backend's ``sum_over_batch_parts``, one part
+    per thread) or one after another (gradient accumulation).
+    ids, targets: integer (batch, seq) -> (share as a Python float, {key: gradient}).
+    """
+    xp = array_namespace(ids, targets)
+    n = int(xp.sum(xp.astype(targets != -100, xp.int64)))  # kept positions in this part
+    weight = n / kept if kept else 1.0  # everything ignored: the loss and gradients are 0
     logits, saved = model.forward_and_save(ids)  # (batch, seq, vocab)
-    loss = F.cross_entropy(logits, targets)  # 0-d
-    grad_loss = xp.ones_like(loss)  # dL/dL = 1
+    loss = F.cross_entropy(logits, targets)  # 0-d, mean over this part's kept positions
+    grad_loss = xp.ones_like(loss) * weight  # d share / d loss
     grad_logits = F.cross_entropy_backward(grad_loss, logits, targets)  # (batch, seq, vocab)
     _, grads = model.backward(grad_logits, saved)
-    return float(loss), _in_parameter_order(model, grads)
+    return float(loss) * weight, grads
