@@ -461,13 +461,18 @@ def _map_with_blas_on_pool(work: Callable[[Any], None], jobs: Sequence[Any]) -> 
 
 # --- a training step: the batch in parts, side by side --------------------------------------
 
-# A part is worth its own thread when it has at least this many positions (tokens). The
-# rule: a part is a whole forward and backward, some 20-40 Python-level calls per layer
-# that hold the GIL (tens of microseconds each) and so run one part at a time; only
-# the arithmetic runs side by side. A part of 256 positions has products of 256 rows
-# (8 or more panels of a BLAS micro-kernel per product) whose arithmetic outweighs its
-# calls' Python time; with fewer, the parts mostly queue for the GIL.
-_PART_MIN_POSITIONS = 256
+# How many parts. A part is a whole forward and backward: its Python-level calls (some
+# 20-40 per layer, tens of microseconds each) hold the GIL, so the parts' calls take
+# turns and only their arithmetic runs side by side. With P parts, calls costing c per
+# part and arithmetic W in all, a step takes about max(P c, W / P + c): least near
+# P = sqrt(W / c). W grows with the positions (tokens), c does not. Measured on the 2-core
+# EPYC with the nanogpt-cpu model (width 128, the narrowest preset): c = 7 ms (forward
+# and backward of 4 positions), W = 77 ms for 768 positions, so W / c = positions / 70.
+# Hence P = isqrt(positions // 64), and at most one part per thread and per sequence:
+# 768 positions -> 3 parts, 256 -> 2, fewer -> the whole batch at once. (Split in two
+# against whole there: 8 x 64 positions 27.7 vs 34.9 ms; 2 x 16 13.9 vs 6.2 ms, the
+# calls dominating.) A wider model has more arithmetic per position: it only gains sooner.
+_PART_MIN_POSITIONS = 64
 
 
 def _cores_for(parts: int) -> list[int | None]:
@@ -513,10 +518,10 @@ def sum_over_batch_parts(
 
     ids, targets: integer (batch, seq) -> (the sum of the parts' numbers, {key: the sum of
     the parts' arrays}); NotImplemented (the caller computes the batch whole) with one
-    thread, one sequence, or parts under ``_PART_MIN_POSITIONS`` positions.
+    thread, one sequence, or too few positions for two parts (see ``_PART_MIN_POSITIONS``).
     """
     batch = ids.shape[0]
-    parts = min(get_num_threads(), batch, ids.size // _PART_MIN_POSITIONS)
+    parts = min(get_num_threads(), batch, math.isqrt(ids.size // _PART_MIN_POSITIONS))
     if parts < 2 or not _can_pin_blas():
         return NotImplemented
     size = -(-batch // parts)  # sequences per part, rounded up

@@ -111,9 +111,9 @@ def test_declined_where_a_split_does_not_pay(numpy_backend, monkeypatch) -> None
     work = lambda i, t: _loss_share_and_grads(model, i, t, kept=32)  # noqa: E731
     single = numpy_natives.sum_over_batch_parts(work, ids[:1], targets[:1])
     assert single is NotImplemented  # one sequence
-    monkeypatch.setattr(numpy_natives, "_PART_MIN_POSITIONS", 17)
-    assert numpy_natives.sum_over_batch_parts(work, ids, targets) is NotImplemented  # 32 < 2 x 17
-    monkeypatch.setattr(numpy_natives, "_PART_MIN_POSITIONS", 16)
+    monkeypatch.setattr(numpy_natives, "_PART_MIN_POSITIONS", 9)  # isqrt(32 // 9) = 1 part
+    assert numpy_natives.sum_over_batch_parts(work, ids, targets) is NotImplemented
+    monkeypatch.setattr(numpy_natives, "_PART_MIN_POSITIONS", 8)  # isqrt(32 // 8) = 2 parts
     assert numpy_natives.sum_over_batch_parts(work, ids, targets) is not NotImplemented
     numpy_natives.set_num_threads(1)
     assert numpy_natives.sum_over_batch_parts(work, ids, targets) is NotImplemented
