@@ -159,6 +159,15 @@ def _gelu_kernel(x: Any, out: Any) -> None:
         out[i] = xi if xi != xi else y  # NaN stays NaN
 
 
+def _relu_backward_kernel(grad_y: Any, x: Any, out: Any) -> None:
+    """out = dy where x > 0, else 0 (also where x is NaN: x > 0 is false). A choice per
+    element, no arithmetic: the definition's numbers exactly, in any float dtype. LLVM
+    makes it a vector select; NumPy's masked where branches per element, and random signs
+    mispredict half of those branches. grad_y, x, out: (n,), one float dtype."""
+    for i in range(x.size):
+        out[i] = grad_y[i] if x[i] > 0 else 0
+
+
 def _gelu_backward_kernel(grad_y: Any, x: Any, out: Any) -> None:
     """out = dy (Phi(x) + x phi(x)), Phi(x) = 1 - erfc(|x|/sqrt 2)/2 for x >= 0, else
     erfc(|x|/sqrt 2)/2; phi(x) = exp(-x^2/2) / sqrt(2 pi). As the definition, x is not
@@ -328,6 +337,7 @@ def _compile_all() -> dict[str, Any]:
         "gelu_tanh": jit(_gelu_tanh_kernel),
         "layer_norm": jit_sums(_layer_norm_kernel),
         "layer_norm_backward": jit_sums(_layer_norm_backward_kernel),
+        "relu_backward": exact(_relu_backward_kernel),
     }
 
 
@@ -421,6 +431,12 @@ def softmax_numerator(w: np.ndarray, biases: list[np.ndarray]) -> np.ndarray | N
 def gelu_tanh(x: np.ndarray, out: np.ndarray) -> None:
     """out = GELU(x), tanh form. x: float32, any shape; out: C-contiguous, x's shape."""
     _kernel("gelu_tanh")(_flat(x), _into(out))
+
+
+def relu_backward(grad_y: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out = dy [x > 0]. grad_y, x: one float dtype (float32 or float64), any shape (the
+    same); out: C-contiguous, that shape."""
+    _kernel("relu_backward")(_flat(grad_y), _flat(x), _into(out))
 
 
 def gelu_backward(grad_y: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:

@@ -26,7 +26,30 @@ from tinytx.backends.numpy_natives import (
     get_num_threads,
 )
 
-__all__ = ["BACKWARD_NATIVES", "gelu_backward", "layer_norm_backward", "linear_backward"]
+__all__ = [
+    "BACKWARD_NATIVES",
+    "gelu_backward",
+    "layer_norm_backward",
+    "linear_backward",
+    "relu_backward",
+]
+
+
+def relu_backward(grad_y: np.ndarray, x: np.ndarray) -> Any:
+    """Same as :func:`tinytx.functional.relu_backward` (dx = dy [x > 0]), bit for bit: with
+    numba, one compiled pass per row block on the pool, a vector select with no
+    arithmetic. Measured on the 2-core EPYC, (8, 256, 2048) float32 with random signs: the
+    definition's where 20-24 ms (a branch per element, half of them mispredicted).
+    grad_y, x: any shape (the same), one float32 or float64 dtype -> grad_x, that shape.
+    Without numba, or for other inputs, the definition (NotImplemented).
+    """
+    from tinytx.backends import numba_kernels
+
+    if grad_y.dtype != x.dtype or x.dtype not in (np.float32, np.float64):
+        return NotImplemented
+    if grad_y.shape != x.shape or not numba_kernels.enabled():
+        return NotImplemented
+    return _blockwise(numba_kernels.relu_backward, grad_y, x)
 
 
 def gelu_backward(grad_y: np.ndarray, x: np.ndarray, approximate: str = "none") -> np.ndarray:
@@ -174,4 +197,5 @@ BACKWARD_NATIVES = {
     "gelu_backward": gelu_backward,
     "layer_norm_backward": layer_norm_backward,
     "linear_backward": linear_backward,
+    "relu_backward": relu_backward,
 }

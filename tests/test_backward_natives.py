@@ -18,7 +18,7 @@ import tinytx
 from tinytx import functional as F
 from tinytx.backends import numpy_backward_natives, numpy_natives
 
-BACKWARD_NAMES = ("gelu_backward", "layer_norm_backward", "linear_backward")
+BACKWARD_NAMES = ("gelu_backward", "layer_norm_backward", "linear_backward", "relu_backward")
 DTYPES = (np.float32, np.float64)
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
@@ -44,6 +44,45 @@ def test_numpy_backend_lists_the_backward_natives(numpy_backend: tinytx.Backend)
         native = getattr(numpy_backward_natives, name)
         assert numpy_backend.natives[name] is native
         assert F._native(numpy_backend.xp, name) is native
+
+
+SPECIALS = (0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES))
+def test_relu_backward_native_equals_definition_bit_for_bit(
+    numpy_backend, shape, seed, dtype
+) -> None:
+    """Every bit, signed zeros and NaNs included: the native chooses dy or +0 as the
+    definition's where does; it never multiplies (dy * 0 would give -0 for negative dy,
+    and NaN for infinite dy)."""
+    from tinytx.backends import numba_kernels
+
+    rng = np.random.default_rng(seed)
+    x, grad_y = random_array(seed, shape, dtype), random_array(seed + 1, shape, dtype)
+    for a in (x, grad_y):  # some entries at the edge cases, anywhere
+        picks = rng.random(a.shape) < 0.3
+        a[picks] = rng.choice(np.array(SPECIALS, dtype=dtype), size=int(picks.sum()))
+    x, grad_y = numpy_backend.asarray(x), numpy_backend.asarray(grad_y)
+    native = numpy_backward_natives.relu_backward(grad_y, x)
+    if not numba_kernels.enabled():
+        assert native is NotImplemented  # left to the definition
+        return
+    reference = definition(F.relu_backward, grad_y, x)
+    assert native.dtype == dtype and native.shape == reference.shape
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    np.testing.assert_array_equal(native.view(bits), reference.view(bits))
+    np.testing.assert_array_equal(F.relu_backward(grad_y, x).view(bits), reference.view(bits))
+
+
+def test_relu_backward_native_leaves_other_inputs_to_the_definition(numpy_backend) -> None:
+    x = np.ones((2, 3), dtype=np.float32)
+    assert numpy_backward_natives.relu_backward(x.astype(np.float64), x) is NotImplemented
+    assert numpy_backward_natives.relu_backward(x.astype(np.float16), x.astype(np.float16)) is (
+        NotImplemented
+    )
+    with without_numba():
+        assert numpy_backward_natives.relu_backward(x, x) is NotImplemented
 
 
 @given(shape=shapes, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES))

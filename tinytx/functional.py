@@ -128,6 +128,9 @@ def relu_backward(grad_y: Array, x: Array) -> Array:
     """
     xp = array_namespace(grad_y, x)
     _check_cotangent(grad_y, x.shape, x.dtype, "relu_backward")
+    native = _native(xp, "relu_backward")
+    if native is not None and (grad_x := native(grad_y, x)) is not NotImplemented:
+        return grad_x
     return xp.where(x > 0, grad_y, xp.zeros_like(grad_y))  # (...)
 
 
