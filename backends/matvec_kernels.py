@@ -23,6 +23,7 @@ linear native (which calls this) against it.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = ["MAX_ROWS", "few_rows_matmul", "kernel_available"]
 MAX_ROWS = 8
 
 _kernel: Any = None
+_block_kernel: Any = None
 _compile_lock = threading.Lock()  # one thread compiles; others wait for it
 
 
@@ -62,7 +64,113 @@ def _compile() -> Any:
                         out[r, o] = total + bias[o] if has_bias else total
 
             _kernel = kernel
+            _compile_block_step(numba)
     return _kernel
+
+
+def _compile_block_step(numba: Any) -> Any:
+    """The compiled decode step of one pre-norm block (see :func:`block_step`): a plain
+    compiled function calling three parallel ones (products, attention heads)."""
+    global _block_kernel
+    if _block_kernel is not None:
+        return _block_kernel
+    # Sums reordered into vector lanes and fused multiply-adds, but IEEE NaN and inf
+    # (no "nnan"/"ninf" assumptions) and NumPy's division (x / 0 is inf, not an error):
+    # a NaN weight gives NaN logits, which generation reports, as the modules do.
+    fast = {"contract", "reassoc"}
+    parallel = numba.njit(parallel=True, fastmath=fast, error_model="numpy", cache=True)
+    serial = numba.njit(fastmath=fast, error_model="numpy", cache=True)
+
+    @parallel
+    def product(w: Any, x: Any, bias: Any, out: Any) -> None:  # pragma: no cover
+        for o in numba.prange(w.shape[0]):  # out = W x + b, output rows between threads
+            total = x.dtype.type(0.0)
+            for i in range(w.shape[1]):
+                total += w[o, i] * x[i]
+            out[o] = total + bias[o]
+
+    @parallel
+    def attend(qkv: Any, keys: Any, values: Any, position: int, scale: float,
+               out: Any) -> None:  # pragma: no cover  fmt: skip
+        heads_kv, _, d_head = keys.shape
+        heads = out.shape[0] // d_head
+        for head in numba.prange(heads):  # softmax(q K^T scale) V, heads between threads
+            g = head // (heads // heads_kv)  # its key/value head
+            scores = np.empty(position + 1, dtype=out.dtype)  # (seq_k,)
+            top = -np.inf
+            for t in range(position + 1):
+                total = out.dtype.type(0.0)
+                for j in range(d_head):
+                    total += qkv[head * d_head + j] * keys[g, t, j]
+                scores[t] = total * scale
+                top = max(top, scores[t])
+            norm = out.dtype.type(0.0)
+            for t in range(position + 1):
+                scores[t] = np.exp(scores[t] - top)
+                norm += scores[t]
+            for j in range(d_head):
+                total = out.dtype.type(0.0)
+                for t in range(position + 1):
+                    total += scores[t] * values[g, t, j]
+                out[head * d_head + j] = total / norm
+
+    @serial
+    def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:  # pragma: no cover
+        d = x.shape[0]
+        mean = x.dtype.type(0.0)
+        for i in range(d):
+            mean += x[i]
+        mean /= d
+        var = x.dtype.type(0.0)
+        for i in range(d):
+            var += (x[i] - mean) * (x[i] - mean)
+        inv = 1.0 / np.sqrt(var / d + eps)
+        h = np.empty(d, dtype=x.dtype)
+        for i in range(d):
+            h[i] = (x[i] - mean) * inv * weight[i] + bias[i]
+        return h
+
+    @serial
+    def step(  # pragma: no cover (compiled)
+        x: Any, keys: Any, values: Any, position: int, n1w: Any, n1b: Any, eps1: float,
+        w_in: Any, b_in: Any, w_out: Any, b_out: Any, n2w: Any, n2b: Any, eps2: float,
+        w_1: Any, b_1: Any, w_2: Any, b_2: Any, activation: int, scale: float, out: Any,
+    ) -> None:  # fmt: skip
+        d = x.shape[0]
+        heads_kv, _, d_head = keys.shape
+        d_kv = heads_kv * d_head
+        # attention: x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
+        qkv = np.empty(w_in.shape[0], dtype=x.dtype)  # (d + 2 d_kv,)
+        product(w_in, layer_norm(x, n1w, n1b, eps1), b_in, qkv)
+        for g in range(heads_kv):  # the new position's key and value, into the cache
+            for j in range(d_head):
+                keys[g, position, j] = qkv[d + g * d_head + j]
+                values[g, position, j] = qkv[d + d_kv + g * d_head + j]
+        attended = np.empty(d, dtype=x.dtype)  # (d,) the heads side by side
+        attend(qkv, keys, values, position, scale, attended)
+        x1 = np.empty(d, dtype=x.dtype)  # (d,)
+        product(w_out, attended, b_out, x1)
+        for i in range(d):
+            x1[i] += x[i]
+        # feed-forward: y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
+        hidden = np.empty(w_1.shape[0], dtype=x.dtype)  # (d_ff,)
+        product(w_1, layer_norm(x1, n2w, n2b, eps2), b_1, hidden)
+        for o in range(hidden.shape[0]):
+            a = hidden[o]
+            if activation == 0:  # relu
+                a = max(a, 0.0)
+            elif activation == 1:  # gelu, exact
+                a = 0.5 * a * (1.0 + math.erf(a * 0.7071067811865476))
+            else:  # gelu, tanh form, as x sigmoid(2 u): no cancellation for negative x
+                u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+                a = a / (1.0 + np.exp(-2.0 * u))
+            hidden[o] = a
+        product(w_2, hidden, b_2, out)
+        for i in range(d):
+            out[i] += x1[i]
+
+    _block_kernel = step
+    return step
 
 
 def kernel_available() -> bool:
@@ -107,4 +215,58 @@ def few_rows_matmul(
     out = np.empty((rows, weight.shape[0]), dtype=x.dtype)  # (rows, d_out)
     no_bias = np.empty(0, dtype=x.dtype)  # (0,): the kernel adds nothing
     kernel(np.ascontiguousarray(x), weight, no_bias if bias is None else bias, out)
+    return out
+
+
+ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}  # the block step's activations
+
+
+def block_step(
+    x: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    position: int,
+    norm1: tuple[np.ndarray, np.ndarray, float],
+    in_proj: tuple[np.ndarray, np.ndarray],
+    out_proj: tuple[np.ndarray, np.ndarray],
+    norm2: tuple[np.ndarray, np.ndarray, float],
+    linear1: tuple[np.ndarray, np.ndarray],
+    linear2: tuple[np.ndarray, np.ndarray],
+    activation: str,
+    scale: float,
+    threads: int,
+) -> np.ndarray | None:
+    """One new token through a pre-norm decoder block, compiled as one function:
+
+        h = LN1(x);  q, k, v = W_in h + b_in;  K[:, p], V[:, p] = k, v   (into the cache)
+        x1 = x + W_out softmax(q K[:, :p+1]^T * scale) V[:, :p+1] + b_out   (per head)
+        y  = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
+
+    what :class:`tinytx.layers.DecoderBlock` computes for one token with a KV cache, in
+    its order, within rounding (``fastmath``: sums in vector lanes, fused multiply-adds).
+    The products are the few-rows kernel's loops (output rows shared between numba's
+    threads); between them there is no Python at all, where the block's modules make
+    some 100 calls per token (see the README's "Why decoding is bandwidth-bound").
+
+    x: (d,); keys, values: (heads_kv, max_len, d_head) cache buffers, written at
+    ``position``; norm1, norm2: (weight (d,), bias (d,), eps); in_proj: (W (d + 2 d_kv, d),
+    b); out_proj: (W (d, d), b); linear1: (W (d_ff, d), b); linear2: (W (d, d_ff), b);
+    activation: "relu", "gelu" or "gelu_tanh" -> (d,); None where it does not apply
+    (numba missing or off, not all float32, a weight not C-contiguous, a full cache).
+    """
+    arrays = [x, keys, values, *norm1[:2], *in_proj, *out_proj, *norm2[:2], *linear1, *linear2]
+    if activation not in ACTIVATION_CODES or not numba_kernels.enabled():
+        return None
+    if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays):
+        return None
+    if not keys.flags.writeable or not values.flags.writeable or position >= keys.shape[1]:
+        return None
+    _compile()
+    _set_threads(threads)
+    out = np.empty_like(x)  # (d,)
+    _block_kernel(
+        x, keys, values, position, *norm1[:2], float(norm1[2]), *in_proj, *out_proj,
+        *norm2[:2], float(norm2[2]), *linear1, *linear2,
+        ACTIVATION_CODES[activation], float(scale), out,
+    )  # fmt: skip
     return out

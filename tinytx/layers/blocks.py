@@ -15,6 +15,7 @@ flag. Parameter names follow ``nn.TransformerEncoderLayer`` / ``nn.TransformerDe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -264,6 +265,10 @@ class DecoderBlock(Module):
         memory_kv: tuple[Array, Array] | None = None,
     ) -> Array | tuple[Array, dict[str, Array]]:
         self._check_memory(memory)
+        if cache is not None and mask is None and not return_weights:
+            y = self._one_token_at_once(x, cache)  # a fused native, where there is one
+            if y is not None:
+                return y  # (1, 1, d_model)
         weights: dict[str, Array] = {}
 
         def residual(x: Array, norm: Module, sublayer: Any) -> Array:
@@ -291,6 +296,40 @@ class DecoderBlock(Module):
             x = residual(x, self.norms[1], cross)  # (batch, seq, d_model)
         x = residual(x, self.norms[-1], self.ff)  # (batch, seq, d_model)
         return (x, weights) if return_weights else x
+
+    def _one_token_at_once(self, x: Array, cache: LayerKVCache) -> Array | None:
+        """The forward below for one new token (x: (1, 1, d_model)) of a pre-norm block
+        with LayerNorms, biases, softmax attention and no rotary, computed by the backend's
+        ``decoder_block_step`` native in one call (numpy with numba: one compiled function),
+        or None (the modules below run): the same arithmetic without some 100 Python calls
+        per token, which matter when decoding reads every weight once per token.
+        """
+        native = self.backend.natives.get("decoder_block_step")
+        attn, ff = self.self_attn, self.ff
+        if native is None or tuple(x.shape) != (1, 1, attn.d_model) or not self.norm_first:
+            return None
+        if cache.key_buffer.shape[0] != 1:  # another batch: the modules raise the error
+            return None
+        norms_ok = all(type(n) is LayerNorm and n.bias is not None for n in self.norms)
+        if not norms_ok or self.multihead_attn is not None or attn.rotary is not None:
+            return None
+        if attn.in_proj_bias is None or ff.linear1.bias is None or ff.linear2.bias is None:
+            return None
+        if attn.attention.name != "softmax" or set(attn.attention_options) - {"scale"}:
+            return None
+        scale = attn.attention_options.get("scale") or 1.0 / math.sqrt(attn.d_head)
+        norm1, norm2 = self.norms
+        y = native(
+            x[0, 0, :], cache.key_buffer[0, ...], cache.value_buffer[0, ...], cache.length,
+            (norm1.weight, norm1.bias, norm1.eps), (attn.in_proj_weight, attn.in_proj_bias),
+            (attn.out_proj.weight, attn.out_proj.bias), (norm2.weight, norm2.bias, norm2.eps),
+            (ff.linear1.weight, ff.linear1.bias), (ff.linear2.weight, ff.linear2.bias),
+            ff.activation, scale,
+        )  # (d_model,)  fmt: skip
+        if y is NotImplemented:
+            return None
+        cache.length += 1  # the kernel wrote this position's keys and values
+        return y[None, None, :]  # (1, 1, d_model)
 
     def _check_memory(self, memory: Array | None) -> None:
         if (memory is None) != (self.multihead_attn is None):
