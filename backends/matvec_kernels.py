@@ -90,8 +90,9 @@ def _compile_block_step(numba: Any) -> Any:
             out[o] = total + bias[o]
 
     @parallel
-    def attend(qkv: Any, keys: Any, values: Any, position: int, scale: float,
-               out: Any) -> None:  # pragma: no cover  fmt: skip
+    def attend(
+        qkv: Any, keys: Any, values: Any, position: int, scale: float, out: Any
+    ) -> None:  # pragma: no cover  fmt: skip
         heads_kv, _, d_head = keys.shape
         heads = out.shape[0] // d_head
         for head in numba.prange(heads):  # softmax(q K^T scale) V, heads between threads

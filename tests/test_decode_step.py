@@ -117,9 +117,7 @@ def test_the_fused_step_rounds_like_the_modules(numpy_backend, seed, heads, acti
 def test_other_blocks_and_inputs_go_to_the_modules(numpy_backend, calls, change) -> None:
     """Not of the fused kind: the modules run, and the numbers are theirs bit for bit."""
     kwargs = {k: v for k, v in change.items() if k in ("positions", "norm", "bias")}
-    config = GPTConfig(
-        vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=1, **kwargs
-    )
+    config = GPTConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=1, **kwargs)
     model = GPT(config, attention=change.get("attention", "softmax"), seed=3)
     model = model.to(numpy_backend, dtype=change.get("dtype", "float32"))
     batch = change.get("batch", 1)

@@ -320,12 +320,19 @@ class DecoderBlock(Module):
         scale = attn.attention_options.get("scale") or 1.0 / math.sqrt(attn.d_head)
         norm1, norm2 = self.norms
         y = native(
-            x[0, 0, :], cache.key_buffer[0, ...], cache.value_buffer[0, ...], cache.length,
-            (norm1.weight, norm1.bias, norm1.eps), (attn.in_proj_weight, attn.in_proj_bias),
-            (attn.out_proj.weight, attn.out_proj.bias), (norm2.weight, norm2.bias, norm2.eps),
-            (ff.linear1.weight, ff.linear1.bias), (ff.linear2.weight, ff.linear2.bias),
-            ff.activation, scale,
-        )  # (d_model,)  fmt: skip
+            x[0, 0, :],
+            cache.key_buffer[0, ...],
+            cache.value_buffer[0, ...],
+            cache.length,
+            (norm1.weight, norm1.bias, norm1.eps),
+            (attn.in_proj_weight, attn.in_proj_bias),
+            (attn.out_proj.weight, attn.out_proj.bias),
+            (norm2.weight, norm2.bias, norm2.eps),
+            (ff.linear1.weight, ff.linear1.bias),
+            (ff.linear2.weight, ff.linear2.bias),
+            ff.activation,
+            scale,
+        )  # (d_model,)
         if y is NotImplemented:
             return None
         cache.length += 1  # the kernel wrote this position's keys and values
