@@ -114,6 +114,11 @@ def loss_and_grads(model: Module, ids: Array, targets: Array) -> tuple[float, di
     that should follow ids[b, :t+1] (usually ids shifted by one), or -100 to ignore the
     position -> (loss as a Python float, {key: gradient} with exactly the keys of
     ``model.parameters()``). With every position ignored the loss and gradients are 0.
+
+    A backend may compute the batch in parts side by side and add their shares (numpy
+    with several threads: one part of whole sequences per thread, see
+    :func:`_loss_share_and_grads`); the numbers then differ from the whole batch's only
+    by the order of the sums over the batch, and are the same on every run.
     """
     from tinytx.models.gpt import GPT
 
