@@ -237,6 +237,19 @@ def _exp_and_sum_kernel(w: Any, totals: Any) -> None:
         totals[r] = total if total != _F(0.0) else _F(1.0)
 
 
+def _softmax_backward_kernel(grad_y: Any, y: Any, grad_x: Any) -> None:
+    """Softmax's vector-Jacobian product along each row r, in two passes over the row:
+    s = sum_j dy[r, j] y[r, j] (in vector lanes), then dx[r, j] = y[r, j] (dy[r, j] - s).
+    grad_y, y, grad_x: (rows, n) float32, C-contiguous."""
+    n_rows, n = y.shape
+    for r in range(n_rows):
+        along = _F(0.0)
+        for j in range(n):
+            along += grad_y[r, j] * y[r, j]
+        for j in range(n):
+            grad_x[r, j] = y[r, j] * (grad_y[r, j] - along)
+
+
 def _row_moments(x: Any, r: int) -> tuple[float, float]:
     """(mean, biased variance) of row r of x (rows, d), both summed in float64."""
     d = x.shape[1]
@@ -338,6 +351,7 @@ def _compile_all() -> dict[str, Any]:
         "layer_norm": jit_sums(_layer_norm_kernel),
         "layer_norm_backward": jit_sums(_layer_norm_backward_kernel),
         "relu_backward": exact(_relu_backward_kernel),
+        "softmax_backward": jit_sums(_softmax_backward_kernel),  # the row sum in lanes
     }
 
 
@@ -431,6 +445,13 @@ def softmax_numerator(w: np.ndarray, biases: list[np.ndarray]) -> np.ndarray | N
 def gelu_tanh(x: np.ndarray, out: np.ndarray) -> None:
     """out = GELU(x), tanh form. x: float32, any shape; out: C-contiguous, x's shape."""
     _kernel("gelu_tanh")(_flat(x), _into(out))
+
+
+def softmax_backward(grad_y: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    """out = y (dy - sum(dy y)) along the last axis. grad_y, y: float32 (..., n), the same
+    shape; out: C-contiguous, that shape."""
+    rows = _into(out).reshape(-1, y.shape[-1])  # (rows, n)
+    _kernel("softmax_backward")(_matrix(grad_y), _matrix(y), rows)
 
 
 def relu_backward(grad_y: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:

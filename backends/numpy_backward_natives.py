@@ -32,7 +32,26 @@ __all__ = [
     "layer_norm_backward",
     "linear_backward",
     "relu_backward",
+    "softmax_backward",
 ]
+
+
+def softmax_backward(grad_y: np.ndarray, y: np.ndarray, axis: int = -1) -> Any:
+    """Same as :func:`tinytx.functional.softmax_backward` (dx = y (dy - sum(dy y)) along
+    the last axis), within rounding: the fused numba kernel, two passes over each row in
+    cache instead of the definition's four over the whole array (a product, a sum, a
+    difference, a product), on row blocks spread over the pool. The row sums run in
+    vector lanes, so they are rounded in another order than NumPy's.
+    grad_y, y: float32 (..., n), the same shape -> grad_x, that shape. Another axis,
+    dtype or shape, or numba off: the definition (NotImplemented).
+    """
+    from tinytx.backends import numba_kernels
+
+    if axis not in (-1, y.ndim - 1) or y.ndim == 0 or grad_y.shape != y.shape:
+        return NotImplemented
+    if not numba_kernels.covers(y, grad_y) or y.size == 0:
+        return NotImplemented
+    return _blockwise(numba_kernels.softmax_backward, grad_y, y)
 
 
 def relu_backward(grad_y: np.ndarray, x: np.ndarray) -> Any:
@@ -198,4 +217,5 @@ BACKWARD_NATIVES = {
     "layer_norm_backward": layer_norm_backward,
     "linear_backward": linear_backward,
     "relu_backward": relu_backward,
+    "softmax_backward": softmax_backward,
 }

@@ -18,7 +18,13 @@ import tinytx
 from tinytx import functional as F
 from tinytx.backends import numpy_backward_natives, numpy_natives
 
-BACKWARD_NAMES = ("gelu_backward", "layer_norm_backward", "linear_backward", "relu_backward")
+BACKWARD_NAMES = (
+    "gelu_backward",
+    "layer_norm_backward",
+    "linear_backward",
+    "relu_backward",
+    "softmax_backward",
+)
 DTYPES = (np.float32, np.float64)
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
@@ -44,6 +50,57 @@ def test_numpy_backend_lists_the_backward_natives(numpy_backend: tinytx.Backend)
         native = getattr(numpy_backward_natives, name)
         assert numpy_backend.natives[name] is native
         assert F._native(numpy_backend.xp, name) is native
+
+
+def check_softmax_backward(backend, shape, seed, masked) -> None:
+    """Against the exact result (float64 from the same float32 inputs). Per row, with
+    s = sum_j dy_j y_j: the kernel's float32 sum is off by at most n eps sum_j |dy_j y_j|
+    (any order of n additions, products included), and y (dy - s) adds two roundings:
+    |dx_j - exact_j| <= |y_j| (n + 1) eps sum |dy y| + 2 eps |y_j| (|dy_j| + |s|) (+ the
+    smallest normal, for products that fall below it). Rows with masked entries (y = 0)
+    and fully masked rows (all 0: dx = 0) included; the definition meets the same bound."""
+    from tinytx.backends import numba_kernels
+
+    rng = np.random.default_rng(seed)
+    scores = random_array(seed, shape, np.float32)
+    scores[rng.random(shape) < masked] = -np.inf
+    y = definition(F.softmax, backend.asarray(scores))  # rows sum to 1, or all 0
+    grad_y = backend.asarray(random_array(seed + 1, shape, np.float32))
+    native = numpy_backward_natives.softmax_backward(grad_y, y)
+    if not numba_kernels.enabled():
+        assert native is NotImplemented
+        return
+    y64, dy64 = np.asarray(y, np.float64), np.asarray(grad_y, np.float64)
+    s = np.sum(dy64 * y64, axis=-1, keepdims=True)  # (..., 1)
+    exact = y64 * (dy64 - s)
+    eps, n = float(np.finfo(np.float32).eps), shape[-1]
+    sizes = np.sum(np.abs(dy64 * y64), axis=-1, keepdims=True)
+    bound = np.abs(y64) * ((n + 1) * eps * sizes + 2 * eps * (np.abs(dy64) + np.abs(s)))
+    bound += float(np.finfo(np.float32).tiny)
+    assert native.dtype == np.float32 and native.shape == y.shape
+    assert np.all(np.abs(native - exact) <= bound)
+    assert np.all(np.abs(F.softmax_backward(grad_y, y) - exact) <= bound)  # through F
+    assert np.all(np.abs(definition(F.softmax_backward, grad_y, y) - exact) <= bound)
+    assert not np.any(native[np.all(np.asarray(y) == 0, axis=-1)])  # masked rows: 0
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), masked=st.sampled_from([0.0, 0.3, 1.0]))
+def test_softmax_backward_native_within_its_rounding(numpy_backend, shape, seed, masked) -> None:
+    check_softmax_backward(numpy_backend, shape, seed, masked)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 300), (2, 4, 64, 64), (7, 1000)])
+def test_softmax_backward_native_on_rows_of_many_vector_lanes(numpy_backend, shape) -> None:
+    check_softmax_backward(numpy_backend, shape, 5, 0.2)
+
+
+def test_softmax_backward_native_leaves_other_inputs_to_the_definition(numpy_backend) -> None:
+    y = np.full((2, 3), 1 / 3, dtype=np.float32)
+    assert numpy_backward_natives.softmax_backward(y, y, axis=0) is NotImplemented
+    assert numpy_backward_natives.softmax_backward(y, y.astype(np.float64)) is NotImplemented
+    assert numpy_backward_natives.softmax_backward(y[:1], y) is NotImplemented
+    with without_numba():
+        assert numpy_backward_natives.softmax_backward(y, y) is NotImplemented
 
 
 SPECIALS = (0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45)

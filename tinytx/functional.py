@@ -300,6 +300,9 @@ def softmax_backward(grad_y: Array, y: Array, axis: int = -1) -> Array:
     """
     xp = array_namespace(grad_y, y)
     _check_cotangent(grad_y, y.shape, y.dtype, "softmax_backward")
+    native = _native(xp, "softmax_backward")
+    if native is not None and (grad_x := native(grad_y, y, axis)) is not NotImplemented:
+        return grad_x
     along = xp.sum(grad_y * y, axis=axis, keepdims=True)  # (..., 1, ...)  sum_i dy_i y_i
     return y * (grad_y - along)  # (...)
 
