@@ -81,13 +81,32 @@ def _compile_block_step(numba: Any) -> Any:
     parallel = numba.njit(parallel=True, fastmath=fast, error_model="numpy", cache=True)
     serial = numba.njit(fastmath=fast, error_model="numpy", cache=True)
 
+    numba_kernels._kernel("gelu_tanh")  # compiles numba_kernels' helpers, _exp among them
+    # float32 exp in a few multiply-adds (1.5 ulp), no libm call; NaN in, a number out:
+    # the callers below keep NaN themselves
+    exp = numba_kernels._exp
+
     @parallel
-    def product(w: Any, x: Any, bias: Any, out: Any) -> None:  # pragma: no cover
-        for o in numba.prange(w.shape[0]):  # out = W x + b, output rows between threads
+    def product(
+        w: Any, x: Any, bias: Any, activation: int, residual: Any, out: Any
+    ) -> None:  # pragma: no cover  fmt: skip
+        """out = act(W x + b) + residual, output rows between threads; activation -1: none
+        (0 relu, 1 exact gelu, 2 tanh gelu); residual: (d_out,) or (0,) for none. The
+        activation is computed per output row inside the parallel loop, beside the reads
+        of the weights, where it costs almost nothing."""
+        for o in numba.prange(w.shape[0]):
             total = x.dtype.type(0.0)
             for i in range(w.shape[1]):
                 total += w[o, i] * x[i]
-            out[o] = total + bias[o]
+            a = total + bias[o]
+            if activation == 0:  # relu
+                a = max(a, 0.0)
+            elif activation == 1:  # gelu, exact
+                a = 0.5 * a * (1.0 + math.erf(a * 0.7071067811865476))
+            elif activation == 2:  # gelu, tanh form, as x sigmoid(2 u): no cancellation
+                u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+                a = a / (1.0 + exp(np.float32(-2.0 * u)))
+            out[o] = a + residual[o] if residual.shape[0] else a
 
     @parallel
     def attend(
@@ -107,13 +126,15 @@ def _compile_block_step(numba: Any) -> Any:
                 top = max(top, scores[t])
             norm = out.dtype.type(0.0)
             for t in range(position + 1):
-                scores[t] = np.exp(scores[t] - top)
+                shifted = scores[t] - top
+                scores[t] = exp(np.float32(shifted)) if shifted == shifted else shifted  # NaN stays
                 norm += scores[t]
+            mixed = np.zeros(d_head, dtype=out.dtype)  # sum_t p_t v_t, one cached row at a time
+            for t in range(position + 1):
+                for j in range(d_head):
+                    mixed[j] += scores[t] * values[g, t, j]
             for j in range(d_head):
-                total = out.dtype.type(0.0)
-                for t in range(position + 1):
-                    total += scores[t] * values[g, t, j]
-                out[head * d_head + j] = total / norm
+                out[head * d_head + j] = mixed[j] / norm
 
     @serial
     def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:  # pragma: no cover
@@ -140,9 +161,10 @@ def _compile_block_step(numba: Any) -> Any:
         d = x.shape[0]
         heads_kv, _, d_head = keys.shape
         d_kv = heads_kv * d_head
+        none = np.empty(0, dtype=x.dtype)  # (0,): no residual
         # attention: x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
         qkv = np.empty(w_in.shape[0], dtype=x.dtype)  # (d + 2 d_kv,)
-        product(w_in, layer_norm(x, n1w, n1b, eps1), b_in, qkv)
+        product(w_in, layer_norm(x, n1w, n1b, eps1), b_in, -1, none, qkv)
         for g in range(heads_kv):  # the new position's key and value, into the cache
             for j in range(d_head):
                 keys[g, position, j] = qkv[d + g * d_head + j]
@@ -150,25 +172,11 @@ def _compile_block_step(numba: Any) -> Any:
         attended = np.empty(d, dtype=x.dtype)  # (d,) the heads side by side
         attend(qkv, keys, values, position, scale, attended)
         x1 = np.empty(d, dtype=x.dtype)  # (d,)
-        product(w_out, attended, b_out, x1)
-        for i in range(d):
-            x1[i] += x[i]
+        product(w_out, attended, b_out, -1, x, x1)
         # feed-forward: y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
         hidden = np.empty(w_1.shape[0], dtype=x.dtype)  # (d_ff,)
-        product(w_1, layer_norm(x1, n2w, n2b, eps2), b_1, hidden)
-        for o in range(hidden.shape[0]):
-            a = hidden[o]
-            if activation == 0:  # relu
-                a = max(a, 0.0)
-            elif activation == 1:  # gelu, exact
-                a = 0.5 * a * (1.0 + math.erf(a * 0.7071067811865476))
-            else:  # gelu, tanh form, as x sigmoid(2 u): no cancellation for negative x
-                u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-                a = a / (1.0 + np.exp(-2.0 * u))
-            hidden[o] = a
-        product(w_2, hidden, b_2, out)
-        for i in range(d):
-            out[i] += x1[i]
+        product(w_1, layer_norm(x1, n2w, n2b, eps2), b_1, activation, none, hidden)
+        product(w_2, hidden, b_2, -1, x1, out)
 
     _block_kernel = step
     return step
@@ -244,7 +252,8 @@ def block_step(
         y  = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
 
     what :class:`tinytx.layers.DecoderBlock` computes for one token with a KV cache, in
-    its order, within rounding (``fastmath``: sums in vector lanes, fused multiply-adds).
+    its order, within rounding (sums in vector lanes, fused multiply-adds, and exp as
+    :mod:`tinytx.backends.numba_kernels` computes it, within 1.5 ulp).
     The products are the few-rows kernel's loops (output rows shared between numba's
     threads); between them there is no Python at all, where the block's modules make
     some 100 calls per token (see the README's "Why decoding is bandwidth-bound").

@@ -186,3 +186,24 @@ def test_int8_weights_go_to_the_modules(numpy_backend, calls) -> None:
     assert calls == []  # the native declined before the kernel
     full, _ = generate(model, ids, 2, fused=True)
     assert np.max(np.abs(quantized - full)) > 0  # the int8 copies were read
+
+
+def test_a_nan_key_in_the_cache_gives_nan(numpy_backend, calls) -> None:
+    """A NaN score (here from a NaN cached key; the values stay finite) makes the output
+    NaN, as in the modules' softmax: the compiled exp, which turns NaN into a number, is
+    never asked for one."""
+    config = GPTConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=1)
+    model = GPT(config, seed=0).to(numpy_backend)
+    outs = []
+    for fused in (True, False):
+        saved = None if fused else numpy_backend.natives.pop("decoder_block_step")
+        try:
+            cache = model.new_cache(1)
+            model(numpy_backend.asarray(np.array([[1, 2]])), cache=cache)
+            cache.layers[0].key_buffer[0, 0, 0, 0] = float("nan")  # head 0, position 0
+            outs.append(np.asarray(model(numpy_backend.asarray(np.array([[3]])), cache=cache)))
+        finally:
+            if saved is not None:
+                numpy_backend.natives["decoder_block_step"] = saved
+    assert calls == [True]
+    assert np.isnan(outs[0]).all() and np.isnan(outs[1]).all()
