@@ -1,4 +1,5 @@
-"""A compiled product for a few rows against a layer's weight: decoding's matrix-vector step.
+"""Decoding's compiled kernels: a product for a few rows against a layer's weight (the
+matrix-vector step), and a whole pre-norm block's step for one token built on it.
 
     y[r, o] = sum_i x[r, i] W[o, i] + b[o]     x (rows, d_in), W (d_out, d_in), rows small
 
@@ -11,19 +12,19 @@ the few rows of x in cache: measured there, the weights of GPT-2 small read at 3
 two threads (27 on one).
 
 - numba (optional, ``pip install 'tinytx[fast]'``): one compiled loop, output rows
-  shared between numba's threads (as many as tinytx's pool). ``fastmath`` lets LLVM
-  reorder the sum into vector lanes (as BLAS does), so results differ from the
-  definition's ``x @ W.T`` by rounding only.
-- Without numba, or with ``TINYTX_NUMBA=0``, :func:`few_rows_matmul` returns None and
-  the caller uses BLAS.
+  shared between numba's threads (as many as tinytx's pool). LLVM may reorder the sum
+  into vector lanes (as BLAS does), so results differ from the definition's ``x @ W.T``
+  by rounding only.
+- Without numba, or with ``TINYTX_NUMBA=0``, :func:`few_rows_matmul` and
+  :func:`block_step` return None and the caller uses BLAS, or the block's modules.
 
 :func:`tinytx.functional.linear` is the definition; tests/test_natives.py checks the
-linear native (which calls this) against it.
+linear native (which calls :func:`few_rows_matmul`) against it, tests/test_decode_step.py
+the block step against the block's modules.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from tinytx.backends import numba_kernels
 
-__all__ = ["MAX_ROWS", "few_rows_matmul", "kernel_available"]
+__all__ = ["ACTIVATION_CODES", "MAX_ROWS", "block_step", "few_rows_matmul", "kernel_available"]
 
 # The kernel keeps every row of x next to one row of W: it is for matrix-vector-like
 # products. The rule: up to 8 rows, the rows' partial sums and one 16-float vector of W
@@ -39,85 +40,71 @@ __all__ = ["MAX_ROWS", "few_rows_matmul", "kernel_available"]
 # blocked kernels, which reuse W from cache across many rows, are the better tool.
 MAX_ROWS = 8
 
-_kernel: Any = None
-_block_kernel: Any = None
+_kernels: dict[str, Any] = {}  # "product", "step": compiled by _compile on first use
 _compile_lock = threading.Lock()  # one thread compiles; others wait for it
 
+# Sums reordered into vector lanes and fused multiply-adds ("reassoc", "contract": as BLAS
+# does), but IEEE NaN and inf (no "nnan"/"ninf" assumptions) and NumPy's division (x / 0
+# is inf, not an error): a NaN weight gives NaN logits, which generation reports.
+_FASTMATH = {"contract", "reassoc"}
+ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}  # product's activations; -1: none
 
-def _compile() -> Any:
-    """The numba kernel, compiled on first use (cached on disk). Call only when
+
+def _compile() -> dict[str, Any]:
+    """The numba kernels, compiled on first use (cached on disk). Call only when
     :func:`tinytx.backends.numba_kernels.enabled` (numba imported)."""
-    global _kernel
     with _compile_lock:
-        if _kernel is None:
-            numba = numba_kernels._numba
-
-            @numba.njit(parallel=True, fastmath=True, cache=True)
-            def kernel(x: Any, w: Any, bias: Any, out: Any) -> None:  # pragma: no cover
-                rows, d_in = x.shape
-                has_bias = bias.shape[0] > 0  # an empty bias: none
-                for o in numba.prange(w.shape[0]):  # output rows shared between threads
-                    for r in range(rows):
-                        total = x.dtype.type(0.0)
-                        for i in range(d_in):  # one contiguous row of W, vectorized
-                            total += x[r, i] * w[o, i]
-                        out[r, o] = total + bias[o] if has_bias else total
-
-            _kernel = kernel
-            _compile_block_step(numba)
-    return _kernel
+        if not _kernels:
+            _kernels.update(_build(numba_kernels._numba))
+    return _kernels
 
 
-def _compile_block_step(numba: Any) -> Any:
-    """The compiled decode step of one pre-norm block (see :func:`block_step`): a plain
-    compiled function calling three parallel ones (products, attention heads)."""
-    global _block_kernel
-    if _block_kernel is not None:
-        return _block_kernel
-    # Sums reordered into vector lanes and fused multiply-adds, but IEEE NaN and inf
-    # (no "nnan"/"ninf" assumptions) and NumPy's division (x / 0 is inf, not an error):
-    # a NaN weight gives NaN logits, which generation reports, as the modules do.
-    fast = {"contract", "reassoc"}
-    parallel = numba.njit(parallel=True, fastmath=fast, error_model="numpy", cache=True)
-    serial = numba.njit(fastmath=fast, error_model="numpy", cache=True)
-
-    numba_kernels._kernel("gelu_tanh")  # compiles numba_kernels' helpers, _exp among them
-    # float32 exp in a few multiply-adds (1.5 ulp), no libm call; NaN in, a number out:
-    # the callers below keep NaN themselves
-    exp = numba_kernels._exp
+def _build(numba: Any) -> dict[str, Any]:
+    """The few-rows product, and the decode step of one pre-norm block built on it."""
+    parallel = numba.njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+    serial = numba.njit(fastmath=_FASTMATH, error_model="numpy", cache=True)
+    # numba_kernels' compiled LayerNorm and one-number helpers (exp, GELU), set up here
+    layer_norm = numba_kernels._kernel("layer_norm")
+    exp, gelu, gelu_tanh = numba_kernels._exp, numba_kernels._gelu_one, numba_kernels._gelu_tanh_one
 
     @parallel
     def product(
-        w: Any, x: Any, bias: Any, activation: int, residual: Any, out: Any
+        x: Any, w: Any, bias: Any, activation: int, residual: Any, out: Any
     ) -> None:  # pragma: no cover  fmt: skip
-        """out = act(W x + b) + residual, output rows between threads; activation -1: none
-        (0 relu, 1 exact gelu, 2 tanh gelu); residual: (d_out,) or (0,) for none. The
-        activation is computed per output row inside the parallel loop, beside the reads
-        of the weights, where it costs almost nothing."""
+        """out = act(x W^T + b) + residual. x: (rows, d_in); w: (d_out, d_in); bias: (d_out,)
+        or (0,) for none; activation: an ACTIVATION_CODES value or -1; residual: (rows,
+        d_out) or (0, 0) for none; out: (rows, d_out). Output rows of W are shared
+        between threads; each row of W is read once, as one contiguous stream, for every
+        row of x; the activation comes right after its sum, beside the weights' reads."""
+        rows, d_in = x.shape
+        has_bias, has_residual = bias.shape[0] > 0, residual.shape[0] > 0
+        zero = x.dtype.type(0.0)  # every number in x's dtype (a float64 0.0 would promote a)
         for o in numba.prange(w.shape[0]):
-            total = x.dtype.type(0.0)
-            for i in range(w.shape[1]):
-                total += w[o, i] * x[i]
-            a = total + bias[o]
-            if activation == 0:  # relu
-                a = max(a, 0.0)
-            elif activation == 1:  # gelu, exact
-                a = 0.5 * a * (1.0 + math.erf(a * 0.7071067811865476))
-            elif activation == 2:  # gelu, tanh form, as x sigmoid(2 u): no cancellation
-                u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-                a = a / (1.0 + exp(np.float32(-2.0 * u)))
-            out[o] = a + residual[o] if residual.shape[0] else a
+            for r in range(rows):
+                total = zero
+                for i in range(d_in):  # one contiguous row of W, vectorized
+                    total += x[r, i] * w[o, i]
+                a = total + bias[o] if has_bias else total
+                if activation == 0:
+                    a = max(a, zero)
+                elif activation == 1:
+                    a = gelu(a)
+                elif activation == 2:
+                    a = gelu_tanh(a)
+                out[r, o] = a + residual[r, o] if has_residual else a
 
     @parallel
     def attend(
         qkv: Any, keys: Any, values: Any, position: int, scale: float, out: Any
     ) -> None:  # pragma: no cover  fmt: skip
+        """out = softmax(q K[:, :p+1]^T scale) V[:, :p+1] for every head, heads between
+        threads. qkv: (d + 2 d_kv,); keys, values: (heads_kv, max_len, d_head); out: (d,)."""
         heads_kv, _, d_head = keys.shape
         heads = out.shape[0] // d_head
-        for head in numba.prange(heads):  # softmax(q K^T scale) V, heads between threads
+        for head in numba.prange(heads):
             g = head // (heads // heads_kv)  # its key/value head
             scores = np.empty(position + 1, dtype=out.dtype)  # (seq_k,)
-            top = -np.inf
+            top = out.dtype.type(-np.inf)  # float32 throughout: exp is float32's
             for t in range(position + 1):
                 total = out.dtype.type(0.0)
                 for j in range(d_head):
@@ -126,8 +113,8 @@ def _compile_block_step(numba: Any) -> Any:
                 top = max(top, scores[t])
             norm = out.dtype.type(0.0)
             for t in range(position + 1):
-                shifted = scores[t] - top
-                scores[t] = exp(np.float32(shifted)) if shifted == shifted else shifted  # NaN stays
+                shifted = scores[t] - top  # exp turns NaN into a number: NaN kept here
+                scores[t] = exp(shifted) if shifted == shifted else shifted
                 norm += scores[t]
             mixed = np.zeros(d_head, dtype=out.dtype)  # sum_t p_t v_t, one cached row at a time
             for t in range(position + 1):
@@ -137,49 +124,41 @@ def _compile_block_step(numba: Any) -> Any:
                 out[head * d_head + j] = mixed[j] / norm
 
     @serial
-    def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:  # pragma: no cover
-        d = x.shape[0]
-        mean = x.dtype.type(0.0)
-        for i in range(d):
-            mean += x[i]
-        mean /= d
-        var = x.dtype.type(0.0)
-        for i in range(d):
-            var += (x[i] - mean) * (x[i] - mean)
-        inv = 1.0 / np.sqrt(var / d + eps)
-        h = np.empty(d, dtype=x.dtype)
-        for i in range(d):
-            h[i] = (x[i] - mean) * inv * weight[i] + bias[i]
-        return h
-
-    @serial
     def step(  # pragma: no cover (compiled)
         x: Any, keys: Any, values: Any, position: int, n1w: Any, n1b: Any, eps1: float,
         w_in: Any, b_in: Any, w_out: Any, b_out: Any, n2w: Any, n2b: Any, eps2: float,
         w_1: Any, b_1: Any, w_2: Any, b_2: Any, activation: int, scale: float, out: Any,
-    ) -> None:  # fmt: skip
-        d = x.shape[0]
+    ) -> bool:  # fmt: skip
+        """See :func:`block_step`; x, out: (1, d). False (before any write to the cache,
+        or with the cache's position written again by the modules) where a LayerNorm row
+        must go to the definition."""
+        d = x.shape[1]
         heads_kv, _, d_head = keys.shape
         d_kv = heads_kv * d_head
-        none = np.empty(0, dtype=x.dtype)  # (0,): no residual
+        none = np.empty((0, 0), dtype=x.dtype)  # no residual
         # attention: x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
-        qkv = np.empty(w_in.shape[0], dtype=x.dtype)  # (d + 2 d_kv,)
-        product(w_in, layer_norm(x, n1w, n1b, eps1), b_in, -1, none, qkv)
+        h = np.empty_like(x)  # (1, d)
+        if layer_norm(x, n1w, n1b, eps1, h) != 0:
+            return False
+        qkv = np.empty((1, w_in.shape[0]), dtype=x.dtype)  # (1, d + 2 d_kv)
+        product(h, w_in, b_in, -1, none, qkv)
         for g in range(heads_kv):  # the new position's key and value, into the cache
             for j in range(d_head):
-                keys[g, position, j] = qkv[d + g * d_head + j]
-                values[g, position, j] = qkv[d + d_kv + g * d_head + j]
-        attended = np.empty(d, dtype=x.dtype)  # (d,) the heads side by side
-        attend(qkv, keys, values, position, scale, attended)
-        x1 = np.empty(d, dtype=x.dtype)  # (d,)
-        product(w_out, attended, b_out, -1, x, x1)
+                keys[g, position, j] = qkv[0, d + g * d_head + j]
+                values[g, position, j] = qkv[0, d + d_kv + g * d_head + j]
+        attended = np.empty_like(x)  # (1, d): the heads side by side
+        attend(qkv[0], keys, values, position, scale, attended[0])
+        x1 = np.empty_like(x)  # (1, d)
+        product(attended, w_out, b_out, -1, x, x1)
         # feed-forward: y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
-        hidden = np.empty(w_1.shape[0], dtype=x.dtype)  # (d_ff,)
-        product(w_1, layer_norm(x1, n2w, n2b, eps2), b_1, activation, none, hidden)
-        product(w_2, hidden, b_2, -1, x1, out)
+        if layer_norm(x1, n2w, n2b, eps2, h) != 0:
+            return False
+        hidden = np.empty((1, w_1.shape[0]), dtype=x.dtype)  # (1, d_ff)
+        product(h, w_1, b_1, activation, none, hidden)
+        product(hidden, w_2, b_2, -1, x1, out)
+        return True
 
-    _block_kernel = step
-    return step
+    return {"product": product, "step": step}
 
 
 def kernel_available() -> bool:
@@ -219,15 +198,13 @@ def few_rows_matmul(
         return None
     if not numba_kernels.enabled():
         return None
-    kernel = _compile()
+    product = _compile()["product"]
     _set_threads(threads)
     out = np.empty((rows, weight.shape[0]), dtype=x.dtype)  # (rows, d_out)
-    no_bias = np.empty(0, dtype=x.dtype)  # (0,): the kernel adds nothing
-    kernel(np.ascontiguousarray(x), weight, no_bias if bias is None else bias, out)
+    no_bias, no_residual = np.empty(0, dtype=x.dtype), np.empty((0, 0), dtype=x.dtype)
+    bias = no_bias if bias is None else bias
+    product(np.ascontiguousarray(x), weight, bias, -1, no_residual, out)
     return out
-
-
-ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}  # the block step's activations
 
 
 def block_step(
@@ -271,12 +248,12 @@ def block_step(
         return None
     if not keys.flags.writeable or not values.flags.writeable or position >= keys.shape[1]:
         return None
-    _compile()
+    step = _compile()["step"]
     _set_threads(threads)
-    out = np.empty_like(x)  # (d,)
-    _block_kernel(
-        x, keys, values, position, *norm1[:2], float(norm1[2]), *in_proj, *out_proj,
-        *norm2[:2], float(norm2[2]), *linear1, *linear2,
+    out = np.empty((1, x.shape[0]), dtype=x.dtype)  # (1, d)
+    done = step(
+        x.reshape(1, -1), keys, values, position, *norm1[:2], float(norm1[2]), *in_proj,
+        *out_proj, *norm2[:2], float(norm2[2]), *linear1, *linear2,
         ACTIVATION_CODES[activation], float(scale), out,
     )  # fmt: skip
-    return out
+    return out[0] if done else None

@@ -147,16 +147,20 @@ def _erfc_tail(size: Any) -> tuple[Any, Any]:
     return t, t * _exp(p - z * z)
 
 
+def _gelu_one(xi: Any) -> Any:
+    """GELU(x) = max(x, 0) - |x|/2 erfc(|x| / sqrt 2) of one float32, |x| capped at 1e4 as
+    in the definition (GELU(+inf) = +inf, GELU(-inf) = 0); NaN stays NaN."""
+    size = min(abs(xi), _F(1e4))
+    _, erfc = _erfc_tail(size)
+    positive = xi if xi > _F(0.0) else _F(0.0)
+    y = positive - size * _F(0.5) * erfc
+    return xi if xi != xi else y
+
+
 def _gelu_kernel(x: Any, out: Any) -> None:
-    """out = GELU(x) = max(x, 0) - |x|/2 erfc(|x| / sqrt 2), |x| capped at 1e4 as in the
-    definition (GELU(+inf) = +inf, GELU(-inf) = 0). x, out: (n,) float32, contiguous."""
+    """out = GELU(x) (:func:`_gelu_one`). x, out: (n,) float32, contiguous."""
     for i in range(x.size):
-        xi = x[i]
-        size = min(abs(xi), _F(1e4))
-        _, erfc = _erfc_tail(size)
-        positive = xi if xi > _F(0.0) else _F(0.0)
-        y = positive - size * _F(0.5) * erfc
-        out[i] = xi if xi != xi else y  # NaN stays NaN
+        out[i] = _gelu_one(x[i])
 
 
 def _relu_backward_kernel(grad_y: Any, x: Any, out: Any) -> None:
@@ -185,20 +189,24 @@ def _gelu_backward_kernel(grad_y: Any, x: Any, out: Any) -> None:
 _TANH_C = _F(math.sqrt(2.0 / math.pi))
 
 
+def _gelu_tanh_one(xi: Any) -> Any:
+    """x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), GPT-2's GELU, of one float32,
+    with x capped at +-1e4 as in the definition. Computed as x sigmoid(2u) =
+    x / (1 + exp(-2u)), the same number (1 + tanh(u) = 2 sigmoid(2u)) without
+    1 + tanh(u)'s cancellation for negative x, and with this module's vectorizable exp."""
+    inside = min(max(xi, _F(-1e4)), _F(1e4))  # (NaN stays NaN below)
+    u = _TANH_C * (inside + _F(0.044715) * inside * inside * inside)
+    # exp(-2u) past float32's range (x below about -9.3) is inf, so y = x / inf = -0,
+    # the definition's 0.5 x (1 + tanh u) = 0.5 x 0 (not _exp's clamped 1.7e38)
+    e = _exp(_F(-2.0) * u) if _F(-2.0) * u < _F(88.0) else _F(np.inf)
+    y = max(xi, _F(-1e4)) / (_F(1.0) + e)
+    return xi if xi != xi else y
+
+
 def _gelu_tanh_kernel(x: Any, out: Any) -> None:
-    """out = x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), GPT-2's GELU, with x
-    capped at +-1e4 as in the definition. Computed as x sigmoid(2u) = x / (1 + exp(-2u)),
-    the same number (1 + tanh(u) = 2 sigmoid(2u)) without 1 + tanh(u)'s cancellation
-    for negative x, and with this module's vectorizable exp. x, out: (n,) float32."""
+    """out = GELU(x), tanh form (:func:`_gelu_tanh_one`). x, out: (n,) float32."""
     for i in range(x.size):
-        xi = x[i]
-        inside = min(max(xi, _F(-1e4)), _F(1e4))  # (NaN stays NaN below)
-        u = _TANH_C * (inside + _F(0.044715) * inside * inside * inside)
-        # exp(-2u) past float32's range (x below about -9.3) is inf, so y = x / inf = -0,
-        # the definition's 0.5 x (1 + tanh u) = 0.5 x 0 (not _exp's clamped 1.7e38)
-        e = _exp(_F(-2.0) * u) if _F(-2.0) * u < _F(88.0) else _F(np.inf)
-        y = max(xi, _F(-1e4)) / (_F(1.0) + e)
-        out[i] = xi if xi != xi else y
+        out[i] = _gelu_tanh_one(x[i])
 
 
 def _adamw_kernel(
@@ -339,7 +347,7 @@ def _compile_all() -> dict[str, Any]:
     # The helpers see each other through this module's globals, compiled in place.
     globals()["_float32_from_bits"] = float32_from_bits
     inline = numba.njit(inline="always")  # helpers: inlined into the kernels' loops
-    for name in ("_exp", "_erfc_tail", "_row_moments"):
+    for name in ("_exp", "_erfc_tail", "_row_moments", "_gelu_one", "_gelu_tanh_one"):
         globals()[name] = inline(globals()[name])
     exact = numba.njit(nogil=True, cache=True, error_model="numpy")  # no FMA: bit for bit
     return {
