@@ -32,7 +32,14 @@ import numpy as np
 
 from tinytx.backends import numba_kernels
 
-__all__ = ["ACTIVATION_CODES", "MAX_ROWS", "block_step", "few_rows_matmul", "kernel_available"]
+__all__ = [
+    "ACTIVATION_CODES",
+    "MAX_ROWS",
+    "block_step",
+    "few_rows_matmul",
+    "kernel_available",
+    "stack_step",
+]
 
 # The kernel keeps every row of x next to one row of W: it is for matrix-vector-like
 # products. The rule: up to 8 rows, the rows' partial sums and one 16-float vector of W
@@ -59,6 +66,52 @@ def _compile() -> dict[str, Any]:
     return _kernels
 
 
+def _atomics(numba: Any) -> tuple[Any, Any, Any]:
+    """Three atomic operations on an int64 array element, as numba intrinsics (LLVM's
+    atomic instructions): load (acquire), fetch-and-add (acquire-release), and
+    compare-and-swap. The whole-stack step's threads share the work through them."""
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    def pointer(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        return cgutils.get_item_pointer(context, builder, array_type, array, [args[1]])
+
+    @intrinsic
+    def load(typingctx: Any, counters: Any, index: Any) -> Any:
+        """counters[index], read atomically; what was written before a matching add is
+        visible after it."""
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.load_atomic(pointer(context, builder, signature, args), "acquire", 8)
+
+        return types.int64(counters, types.intp), codegen
+
+    @intrinsic
+    def add(typingctx: Any, counters: Any, index: Any, value: Any) -> Any:
+        """counters[index] += value, atomically."""
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            target = pointer(context, builder, signature, args)
+            return builder.atomic_rmw("add", target, args[2], "acq_rel")
+
+        return types.int64(counters, types.intp, types.int64), codegen
+
+    @intrinsic
+    def swap(typingctx: Any, counters: Any, index: Any, expected: Any, new: Any) -> Any:
+        """counters[index] = new if it still holds expected, atomically; whether it did."""
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            target = pointer(context, builder, signature, args)
+            pair = builder.cmpxchg(target, args[2], args[3], "acq_rel", "acquire")
+            return builder.extract_value(pair, 1)
+
+        return types.boolean(counters, types.intp, types.int64, types.int64), codegen
+
+    return load, add, swap
+
+
 def _build(numba: Any) -> dict[str, Any]:
     """The few-rows product, and the decode step of one pre-norm block built on it."""
     parallel = numba.njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
@@ -67,6 +120,23 @@ def _build(numba: Any) -> dict[str, Any]:
     layer_norm = numba_kernels._kernel("layer_norm")
     exp, gelu, gelu_tanh = numba_kernels._exp, numba_kernels._gelu_one, numba_kernels._gelu_tanh_one
 
+    @serial
+    def one_output(x: Any, w: Any, o: int, bias: Any, activation: int) -> Any:  # pragma: no cover
+        """act(x . W[o] + b[o]): one output of a product. x: (d_in,); w: (d_out, d_in);
+        bias: (d_out,) or (0,) for none; activation: an ACTIVATION_CODES value or -1.
+        Row o of W is read once, as one contiguous stream, the sum in vector lanes."""
+        total = x.dtype.type(0.0)  # in x's dtype (a float64 0.0 would promote the sum)
+        for i in range(x.shape[0]):
+            total += x[i] * w[o, i]
+        a = total + bias[o] if bias.shape[0] > 0 else total
+        if activation == 0:
+            a = max(a, x.dtype.type(0.0))
+        elif activation == 1:
+            a = gelu(a)
+        elif activation == 2:
+            a = gelu_tanh(a)
+        return a
+
     @parallel
     def product(
         x: Any, w: Any, bias: Any, activation: int, residual: Any, out: Any
@@ -74,54 +144,66 @@ def _build(numba: Any) -> dict[str, Any]:
         """out = act(x W^T + b) + residual. x: (rows, d_in); w: (d_out, d_in); bias: (d_out,)
         or (0,) for none; activation: an ACTIVATION_CODES value or -1; residual: (rows,
         d_out) or (0, 0) for none; out: (rows, d_out). Output rows of W are shared
-        between threads; each row of W is read once, as one contiguous stream, for every
-        row of x; the activation comes right after its sum, beside the weights' reads."""
-        rows, d_in = x.shape
-        has_bias, has_residual = bias.shape[0] > 0, residual.shape[0] > 0
-        zero = x.dtype.type(0.0)  # every number in x's dtype (a float64 0.0 would promote a)
+        between threads; each row of W is read once for every row of x; the activation
+        comes right after its sum, beside the weights' reads."""
+        has_residual = residual.shape[0] > 0
         for o in numba.prange(w.shape[0]):
-            for r in range(rows):
-                total = zero
-                for i in range(d_in):  # one contiguous row of W, vectorized
-                    total += x[r, i] * w[o, i]
-                a = total + bias[o] if has_bias else total
-                if activation == 0:
-                    a = max(a, zero)
-                elif activation == 1:
-                    a = gelu(a)
-                elif activation == 2:
-                    a = gelu_tanh(a)
+            for r in range(x.shape[0]):
+                a = one_output(x[r], w, o, bias, activation)
                 out[r, o] = a + residual[r, o] if has_residual else a
+
+    @serial
+    def attend_head(
+        qkv: Any, keys: Any, values: Any, position: int, head: int, scale: float, out: Any
+    ) -> None:  # pragma: no cover  fmt: skip
+        """out[head's columns] = softmax(q K[:, :p+1]^T scale) V[:, :p+1] for one head, the
+        positions before p from the cache and p's own key and value from qkv.
+        qkv: (d + 2 d_kv,); keys, values: (heads_kv, max_len, d_head); out: (d,)."""
+        heads_kv, _, d_head = keys.shape
+        d = out.shape[0]
+        d_kv = heads_kv * d_head
+        g = head // (d // d_head // heads_kv)  # its key/value head
+        q = qkv[head * d_head : (head + 1) * d_head]  # (d_head,)
+        k_new = qkv[d + g * d_head : d + (g + 1) * d_head]  # (d_head,)
+        v_new = qkv[d + d_kv + g * d_head : d + d_kv + (g + 1) * d_head]  # (d_head,)
+        scores = np.empty(position + 1, dtype=out.dtype)  # (seq_k,)
+        top = out.dtype.type(-np.inf)  # float32 throughout: exp is float32's
+        for t in range(position + 1):
+            k = keys[g, t] if t < position else k_new  # (d_head,)
+            total = out.dtype.type(0.0)
+            for j in range(d_head):
+                total += q[j] * k[j]
+            scores[t] = total * scale
+            top = max(top, scores[t])
+        norm = out.dtype.type(0.0)
+        for t in range(position + 1):
+            shifted = scores[t] - top  # exp turns NaN into a number: NaN kept here
+            scores[t] = exp(shifted) if shifted == shifted else shifted
+            norm += scores[t]
+        mixed = np.zeros(d_head, dtype=out.dtype)  # sum_t p_t v_t, one cached row at a time
+        for t in range(position + 1):
+            v = values[g, t] if t < position else v_new  # (d_head,)
+            for j in range(d_head):
+                mixed[j] += scores[t] * v[j]
+        for j in range(d_head):
+            out[head * d_head + j] = mixed[j] / norm
+
+    @serial
+    def write_cache(qkv: Any, keys: Any, values: Any, position: int, g: int) -> None:
+        """Key/value head g of the new position (from qkv (d + 2 d_kv,)) into the cache."""
+        heads_kv, _, d_head = keys.shape
+        d = qkv.shape[0] - 2 * heads_kv * d_head
+        for j in range(d_head):
+            keys[g, position, j] = qkv[d + g * d_head + j]
+            values[g, position, j] = qkv[d + (heads_kv + g) * d_head + j]
 
     @parallel
     def attend(
         qkv: Any, keys: Any, values: Any, position: int, scale: float, out: Any
     ) -> None:  # pragma: no cover  fmt: skip
-        """out = softmax(q K[:, :p+1]^T scale) V[:, :p+1] for every head, heads between
-        threads. qkv: (d + 2 d_kv,); keys, values: (heads_kv, max_len, d_head); out: (d,)."""
-        heads_kv, _, d_head = keys.shape
-        heads = out.shape[0] // d_head
-        for head in numba.prange(heads):
-            g = head // (heads // heads_kv)  # its key/value head
-            scores = np.empty(position + 1, dtype=out.dtype)  # (seq_k,)
-            top = out.dtype.type(-np.inf)  # float32 throughout: exp is float32's
-            for t in range(position + 1):
-                total = out.dtype.type(0.0)
-                for j in range(d_head):
-                    total += qkv[head * d_head + j] * keys[g, t, j]
-                scores[t] = total * scale
-                top = max(top, scores[t])
-            norm = out.dtype.type(0.0)
-            for t in range(position + 1):
-                shifted = scores[t] - top  # exp turns NaN into a number: NaN kept here
-                scores[t] = exp(shifted) if shifted == shifted else shifted
-                norm += scores[t]
-            mixed = np.zeros(d_head, dtype=out.dtype)  # sum_t p_t v_t, one cached row at a time
-            for t in range(position + 1):
-                for j in range(d_head):
-                    mixed[j] += scores[t] * values[g, t, j]
-            for j in range(d_head):
-                out[head * d_head + j] = mixed[j] / norm
+        """Every head's :func:`attend_head`, heads between threads."""
+        for head in numba.prange(out.shape[0] // keys.shape[2]):
+            attend_head(qkv, keys, values, position, head, scale, out)
 
     @serial
     def step(  # pragma: no cover (compiled)
@@ -132,9 +214,6 @@ def _build(numba: Any) -> dict[str, Any]:
         """See :func:`block_step`; x, out: (1, d). False (before any write to the cache,
         or with the cache's position written again by the modules) where a LayerNorm row
         must go to the definition."""
-        d = x.shape[1]
-        heads_kv, _, d_head = keys.shape
-        d_kv = heads_kv * d_head
         none = np.empty((0, 0), dtype=x.dtype)  # no residual
         # attention: x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
         h = np.empty_like(x)  # (1, d)
@@ -142,10 +221,8 @@ def _build(numba: Any) -> dict[str, Any]:
             return False
         qkv = np.empty((1, w_in.shape[0]), dtype=x.dtype)  # (1, d + 2 d_kv)
         product(h, w_in, b_in, -1, none, qkv)
-        for g in range(heads_kv):  # the new position's key and value, into the cache
-            for j in range(d_head):
-                keys[g, position, j] = qkv[0, d + g * d_head + j]
-                values[g, position, j] = qkv[0, d + d_kv + g * d_head + j]
+        for g in range(keys.shape[0]):  # the new position's key and value, into the cache
+            write_cache(qkv[0], keys, values, position, g)
         attended = np.empty_like(x)  # (1, d): the heads side by side
         attend(qkv[0], keys, values, position, scale, attended[0])
         x1 = np.empty_like(x)  # (1, d)
@@ -158,7 +235,160 @@ def _build(numba: Any) -> dict[str, Any]:
         product(hidden, w_2, b_2, -1, x1, out)
         return True
 
-    return {"product": product, "step": step}
+    # The stack's threads share each phase (a product, or the heads) through a pair of
+    # counters on their own cache line: rows taken so far, rows done so far.
+    load, add, swap = _atomics(numba)
+    line = 8  # int64s per 64-byte cache line
+
+    @serial
+    def take(team: Any, phase: int, n: int, least: int) -> Any:  # pragma: no cover
+        """The calling thread's next rows [start, stop) of a phase's n: a share of what is
+        left (guided: big shares while much is left, then smaller, at least ``least``
+        rows), or (n, n) once every row is taken. team: (counters, threads, least bytes)."""
+        counters, threads = team[0], team[1]
+        while True:
+            start = load(counters, phase * line)
+            if start >= n:
+                return n, n
+            stop = min(n, start + max(least, (n - start) // (2 * threads)))
+            if swap(counters, phase * line, start, stop):
+                return start, stop
+
+    @serial
+    def done(team: Any, phase: int, rows: int) -> None:  # pragma: no cover
+        """Says that the calling thread has written ``rows`` more rows of the phase."""
+        add(team[0], phase * line + 1, rows)
+
+    @serial
+    def wait(team: Any, phase: int, n: int) -> None:  # pragma: no cover
+        """Until all n rows of the phase are done, by whichever threads took them. A
+        thread waits only for rows another thread has taken and is computing, so no
+        wait lasts forever, even where the threads run one after another."""
+        while load(team[0], phase * line + 1) < n:
+            pass
+
+    @serial
+    def share_of_product(
+        x: Any,
+        w: Any,
+        bias: Any,
+        activation: int,
+        residual: Any,
+        out: Any,
+        team: Any,
+        phase: int,
+    ) -> None:  # pragma: no cover  fmt: skip
+        """out = act(x W^T + b) + residual, 1-D (residual (0,) for none), the calling
+        thread's share: rows taken until none is left, then a wait for the others'."""
+        n = w.shape[0]
+        least = max(1, team[2] // (w.shape[1] * w.itemsize))  # rows of at least team[2] bytes
+        while True:
+            start, stop = take(team, phase, n, least)
+            if start == n:
+                break
+            for o in range(start, stop):
+                a = one_output(x, w, o, bias, activation)
+                out[o] = a + residual[o] if residual.shape[0] > 0 else a
+            done(team, phase, stop - start)
+        wait(team, phase, n)
+
+    @serial
+    def share_of_heads(
+        qkv: Any,
+        keys: Any,
+        values: Any,
+        position: int,
+        scale: float,
+        out: Any,
+        team: Any,
+        phase: int,
+    ) -> None:  # pragma: no cover  fmt: skip
+        """Every head's :func:`attend_head`, the calling thread's share of the heads (the
+        first head of each key/value group writes that group's new key and value into
+        the cache; the others read them from qkv), then a wait for the others'."""
+        heads = out.shape[0] // keys.shape[2]
+        group = heads // keys.shape[0]  # query heads per key/value head
+        while True:
+            start, stop = take(team, phase, heads, 1)
+            if start == heads:
+                break
+            for head in range(start, stop):
+                if head % group == 0:
+                    write_cache(qkv, keys, values, position, head // group)
+                attend_head(qkv, keys, values, position, head, scale, out)
+            done(team, phase, stop - start)
+        wait(team, phase, heads)
+
+    @parallel
+    def stack(
+        x: Any,
+        keys: Any,
+        values: Any,
+        position: int,
+        n1w: Any,
+        n1b: Any,
+        eps1: Any,
+        w_in: Any,
+        b_in: Any,
+        w_out: Any,
+        b_out: Any,
+        n2w: Any,
+        n2b: Any,
+        eps2: Any,
+        w_1: Any,
+        b_1: Any,
+        w_2: Any,
+        b_2: Any,
+        activation: Any,
+        scale: Any,
+        threads: int,
+        least_bytes: int,
+        out: Any,
+    ) -> int:  # pragma: no cover  fmt: skip
+        """See :func:`stack_step`. x, out: (d,); the others: one entry per block
+        (activation, scale, eps1, eps2: (blocks,) arrays). ``threads`` shares of the work,
+        one per thread of numba's team. Returns how many blocks ran (out: the last one's
+        output): fewer than all where a LayerNorm row must go to the definition (every
+        thread computes the LayerNorm itself, on the same numbers, and decides alike)."""
+        blocks, d = len(keys), x.shape[0]
+        # every intermediate has its own row, written once: no thread overwrites what a
+        # slower one may still be reading
+        xs = np.empty((blocks + 1, d), dtype=x.dtype)  # each block's input, then output
+        xs[0] = x
+        qkv = np.empty((blocks, w_in[0].shape[0]), dtype=x.dtype)  # (blocks, d + 2 d_kv)
+        attended = np.empty((blocks, d), dtype=x.dtype)  # the heads side by side
+        x1 = np.empty((blocks, d), dtype=x.dtype)  # after attention's residual
+        hidden = np.empty((blocks, w_1[0].shape[0]), dtype=x.dtype)  # (blocks, d_ff)
+        team = (np.zeros(5 * blocks * line, dtype=np.int64), threads, least_bytes)
+        reached = np.empty(threads, dtype=np.int64)
+        none = np.empty(0, dtype=x.dtype)  # no bias, no residual
+        for thread in numba.prange(threads):
+            h = np.empty((1, d), dtype=x.dtype)  # this thread's LayerNorm output
+            i = 0  # the block
+            while i < blocks:
+                phase = 5 * i  # its five: W_in, the heads, W_out, W_1, W_2
+                # x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
+                if layer_norm(xs[i : i + 1], n1w[i], n1b[i], eps1[i], h) != 0:
+                    break
+                share_of_product(h[0], w_in[i], b_in[i], -1, none, qkv[i], team, phase)
+                share_of_heads(qkv[i], keys[i], values[i], position, scale[i], attended[i],
+                               team, phase + 1)  # fmt: skip
+                share_of_product(attended[i], w_out[i], b_out[i], -1, xs[i], x1[i], team,
+                                 phase + 2)  # fmt: skip
+                # y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
+                if layer_norm(x1[i : i + 1], n2w[i], n2b[i], eps2[i], h) != 0:
+                    break
+                share_of_product(h[0], w_1[i], b_1[i], activation[i], none, hidden[i], team,
+                                 phase + 3)  # fmt: skip
+                share_of_product(hidden[i], w_2[i], b_2[i], -1, x1[i], xs[i + 1], team,
+                                 phase + 4)  # fmt: skip
+                i += 1
+            reached[thread] = i
+        blocks_run = reached.min()
+        out[:] = xs[blocks_run]
+        return blocks_run
+
+    return {"product": product, "step": step, "stack": stack}
 
 
 def kernel_available() -> bool:
@@ -257,3 +487,73 @@ def block_step(
         ACTIVATION_CODES[activation], float(scale), out,
     )  # fmt: skip
     return out[0] if done else None
+
+
+# Each take of a product's rows (see _build's stack) reads at least this many bytes of
+# weights: some microseconds of reading on any core, against the 0.1-0.3 microseconds
+# an atomic operation on a shared cache line takes.
+_LEAST_BYTES_PER_TAKE = 1 << 16
+
+
+def stack_step(
+    x: np.ndarray,
+    keys: list[np.ndarray],
+    values: list[np.ndarray],
+    position: int,
+    blocks: list[tuple[Any, ...]],
+    threads: int,
+) -> tuple[np.ndarray, int] | None:
+    """One new token through a stack of pre-norm decoder blocks, all in one compiled
+    call, with one team of threads for the whole stack: what :func:`block_step` does for
+    each block in turn, without returning to Python between the blocks, and without
+    ending the threads' work after every product. The threads take a product's output
+    rows as they come (guided: big shares first, smaller ones as the rows run out) and
+    each waits only for rows another thread has taken, so a product's slowest thread
+    does not hold up the next product's whole team (see the README's "Why decoding is
+    bandwidth-bound").
+
+    x: (d,); keys[i], values[i]: block i's (heads_kv, max_len, d_head) cache buffers,
+    written at ``position``; blocks[i]: block i's (norm1, in_proj, out_proj, norm2,
+    linear1, linear2, activation, scale) as :func:`block_step` takes them ->
+    (y (d,), n): the output of the first n blocks (all of them but where a LayerNorm row
+    must go to the definition: then block n's modules take y), or None where the
+    kernel does not apply (numba missing or off, not all float32, a weight not
+    C-contiguous, a full cache, blocks of different kinds of shapes).
+    """
+    if not blocks or not numba_kernels.enabled():
+        return None
+    if any(block[6] not in ACTIVATION_CODES for block in blocks):
+        return None
+    columns = list(zip(*(_flat(block) for block in blocks), strict=True))  # per argument
+    arrays = [x, *keys, *values, *(a for column in columns for a in column)]
+    if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays):
+        return None
+    if any(
+        not k.flags.writeable or not v.flags.writeable for k, v in zip(keys, values, strict=True)
+    ):
+        return None
+    if position >= min(k.shape[1] for k in keys) or len({k.shape for k in keys}) != 1:
+        return None
+    if any(len({(a.ndim, a.flags.writeable) for a in column}) != 1 for column in columns):
+        return None  # the kernel takes each argument's blocks as one tuple of one type
+    stack = _compile()["stack"]
+    _set_threads(threads)
+    norm1_eps = np.array([float(block[0][2]) for block in blocks])  # (blocks,)
+    norm2_eps = np.array([float(block[3][2]) for block in blocks])
+    activation = np.array([ACTIVATION_CODES[block[6]] for block in blocks])
+    scale = np.array([block[7] for block in blocks], dtype=np.float32)
+    out = np.empty_like(x)  # (d,)
+    n1w, n1b, w_in, b_in, w_out, b_out, n2w, n2b, w_1, b_1, w_2, b_2 = map(tuple, columns)
+    done = stack(
+        x, tuple(keys), tuple(values), position, n1w, n1b, norm1_eps, w_in, b_in, w_out,
+        b_out, n2w, n2b, norm2_eps, w_1, b_1, w_2, b_2, activation, scale,
+        _threads.count, _LEAST_BYTES_PER_TAKE, out,
+    )  # fmt: skip
+    return out, int(done)
+
+
+def _flat(block: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+    """A block's twelve arrays in the kernel's order: norm1's weight and bias, in_proj's,
+    out_proj's, norm2's, linear1's, linear2's."""
+    norm1, in_proj, out_proj, norm2, linear1, linear2 = block[:6]
+    return (*norm1[:2], *in_proj, *out_proj, *norm2[:2], *linear1, *linear2)

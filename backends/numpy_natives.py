@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tinytx.backends.matvec_kernels import block_step, few_rows_matmul
+from tinytx.backends.matvec_kernels import block_step, few_rows_matmul, stack_step
 from tinytx.backends.numba_kernels import softmax_numerator
 
 __all__ = [
@@ -1140,6 +1140,22 @@ def decoder_block_step(x: np.ndarray, keys: np.ndarray, values: np.ndarray, posi
     return NotImplemented if y is None else y
 
 
+def decoder_stack_step(x: np.ndarray, keys: list[np.ndarray], values: list[np.ndarray],
+                       position: int, blocks: list[tuple[Any, ...]]) -> Any:  # fmt: skip
+    """One new token through a stack of pre-norm decoder blocks (see
+    :func:`tinytx.layers.blocks.one_token_through_blocks`), compiled as one function with
+    one team of threads: :func:`tinytx.backends.matvec_kernels.stack_step`, on tinytx's
+    thread count. x: (d,); keys[i], values[i]: block i's (heads_kv, max_len, d_head),
+    written at ``position``; blocks[i]: block i's norms, products, activation and
+    scale -> (y (d,), n): the output of the first n blocks; or NotImplemented where the
+    kernel does not apply, and inside :func:`tinytx.quantize.int8_weights`.
+    """
+    if _int8_table.get() is not None:  # inside int8_weights: the products read int8 copies
+        return NotImplemented
+    result = stack_step(x, keys, values, position, blocks, threads=get_num_threads())
+    return NotImplemented if result is None else result
+
+
 # The rules for a matrix product (see matmul). Waking a thread, BLAS's or the pool's,
 # costs some 10-50 microseconds; a core multiplies at 20-100 GFLOP/s (x86 AVX2 to
 # AVX-512, ARM NEON). So a product below about a million multiply-adds per thread is done
@@ -1307,6 +1323,7 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "embedding_backward": embedding_backward,
     "sum_over_batch_parts": sum_over_batch_parts,
     "decoder_block_step": decoder_block_step,
+    "decoder_stack_step": decoder_stack_step,
     "matmul": matmul,
     "alibi_attention": alibi_attention,
     "sigmoid_attention": sigmoid_attention,

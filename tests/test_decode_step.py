@@ -1,5 +1,7 @@
-"""The fused decode step of a pre-norm block (the numpy backend's ``decoder_block_step``,
-backends/matvec_kernels.py's ``block_step``) against the block's modules.
+"""The fused decode steps against the blocks' modules: one pre-norm block's (the numpy
+backend's ``decoder_block_step``, backends/matvec_kernels.py's ``block_step``) and a
+whole stack's (``decoder_stack_step``, ``stack_step``: every block in one compiled call,
+its threads sharing each product's rows).
 
 Generating token by token, a block of the supported kind (LayerNorm, biases, softmax
 attention, no rotary) runs as one compiled function instead of its modules. Its logits
@@ -28,44 +30,66 @@ EPS32 = float(np.finfo(np.float32).eps)
 pytestmark = pytest.mark.skipif(not numba_kernels.available(), reason="needs numba")
 
 
+NATIVES = {"block": "decoder_block_step", "stack": "decoder_stack_step"}
+WRAPPERS = {"block": "block_step", "stack": "stack_step"}
+
+
+@pytest.fixture(params=["block", "stack"], scope="module")
+def kind(request) -> str:
+    """Which fused step is under test: one block's, or the whole stack's."""
+    return request.param
+
+
 @contextlib.contextmanager
-def spying() -> Iterator[list[bool]]:
-    """Inside: whether each call of the kernel's wrapper ran the fused step (True) or
-    declined (False), in order."""
+def spying(kind: str) -> Iterator[list[bool]]:
+    """Inside: whether each call of the ``kind`` kernel's wrapper ran the fused step
+    through (True: a block, or every block of the stack) or declined (False), in order."""
     seen: list[bool] = []
-    original = matvec_kernels.block_step
+    original = getattr(matvec_kernels, WRAPPERS[kind])
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        seen.append(out is not None)
+        seen.append(
+            out is not None if kind == "block" else out is not None and out[1] == len(args[4])
+        )
         return out
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("tinytx.backends.numpy_natives.block_step", spy)
+        patch.setattr(f"tinytx.backends.numpy_natives.{WRAPPERS[kind]}", spy)
         yield seen
 
 
 @pytest.fixture
-def calls() -> Iterator[list[bool]]:
-    with spying() as seen:
+def calls(kind) -> Iterator[list[bool]]:
+    with spying(kind) as seen:
         yield seen
 
 
-def generate(model: GPT, ids: np.ndarray, prompt: int, fused: bool) -> tuple[np.ndarray, list]:
-    """Logits of positions prompt-1 .. end, token by token after the prompt, and the
-    caches' keys and values; with the fused step or with the modules only."""
-    backend = model.backend
-    saved = backend.natives.pop("decoder_block_step") if not fused else None
+@contextlib.contextmanager
+def only(backend, kind: str | None) -> Iterator[None]:
+    """Inside: the backend offers the ``kind`` fused step and not the other (None:
+    neither, so the modules run)."""
+    saved = {name: backend.natives.pop(name) for k, name in NATIVES.items() if k != kind}
     try:
+        yield
+    finally:
+        backend.natives.update(saved)
+
+
+def generate(
+    model: GPT, ids: np.ndarray, prompt: int, fused: str | None
+) -> tuple[np.ndarray, list]:
+    """Logits of positions prompt-1 .. end, token by token after the prompt, and the
+    caches' keys and values; with the ``fused`` step ("block" or "stack") or with the
+    modules only (None)."""
+    backend = model.backend
+    with only(backend, fused):
         cache = model.new_cache(1)
         logits = [model(backend.asarray(ids[:, :prompt]), cache=cache)[:, -1]]
         for t in range(prompt, ids.shape[1]):
             logits.append(model(backend.asarray(ids[:, t : t + 1]), cache=cache)[:, -1])
         kv = [(np.asarray(layer.keys), np.asarray(layer.values)) for layer in cache.layers]
         return np.concatenate([np.asarray(a) for a in logits]), kv
-    finally:
-        if saved is not None:
-            backend.natives["decoder_block_step"] = saved
 
 
 @settings(max_examples=max(5, settings.default.max_examples // 4))
@@ -75,7 +99,7 @@ def generate(model: GPT, ids: np.ndarray, prompt: int, fused: bool) -> tuple[np.
     activation=st.sampled_from(["gelu_tanh", "gelu", "relu"]),
     prompt=st.integers(1, 4),
 )
-def test_the_fused_step_rounds_like_the_modules(numpy_backend, seed, heads, activation,
+def test_the_fused_step_rounds_like_the_modules(numpy_backend, kind, seed, heads, activation,
                                                 prompt) -> None:  # fmt: skip
     n_heads, n_kv_heads = heads
     config = GPTConfig(
@@ -84,11 +108,11 @@ def test_the_fused_step_rounds_like_the_modules(numpy_backend, seed, heads, acti
     )  # fmt: skip
     model = GPT(config, seed=seed % 1000).to(numpy_backend)
     ids = np.random.default_rng(seed).integers(0, 11, (1, 9))
-    with spying() as calls:
-        fused, fused_kv = generate(model, ids, prompt, fused=True)
+    with spying(kind) as calls:
+        fused, fused_kv = generate(model, ids, prompt, fused=kind)
     assert calls and all(calls)  # every new token went through the fused step
-    modules, modules_kv = generate(model, ids, prompt, fused=False)
-    reference, reference_kv = generate(model.to(numpy_backend, dtype="float64"), ids, prompt, True)
+    modules, modules_kv = generate(model, ids, prompt, fused=None)
+    reference, reference_kv = generate(model.to(numpy_backend, dtype="float64"), ids, prompt, kind)
 
     def check(ours: np.ndarray, theirs: np.ndarray, exact: np.ndarray) -> None:
         own_error = np.max(np.abs(theirs - exact))  # the modules' float32 rounding
@@ -114,7 +138,7 @@ def test_the_fused_step_rounds_like_the_modules(numpy_backend, seed, heads, acti
         {"batch": 2},
     ],
 )
-def test_other_blocks_and_inputs_go_to_the_modules(numpy_backend, calls, change) -> None:
+def test_other_blocks_and_inputs_go_to_the_modules(numpy_backend, kind, calls, change) -> None:
     """Not of the fused kind: the modules run, and the numbers are theirs bit for bit."""
     kwargs = {k: v for k, v in change.items() if k in ("positions", "norm", "bias")}
     config = GPTConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=1, **kwargs)
@@ -123,43 +147,40 @@ def test_other_blocks_and_inputs_go_to_the_modules(numpy_backend, calls, change)
     batch = change.get("batch", 1)
     ids = np.random.default_rng(0).integers(0, 11, (batch, 4))
     steps = []
-    for fused in (True, False):
-        backend = model.backend
-        saved = None if fused else backend.natives.pop("decoder_block_step")
-        try:
+    for fused in (kind, None):
+        with only(model.backend, fused):
             cache = model.new_cache(batch)
-            model(backend.asarray(ids[:, :2]), cache=cache)
-            steps.append(np.asarray(model(backend.asarray(ids[:, 2:3]), cache=cache)))
-        finally:
-            if saved is not None:
-                backend.natives["decoder_block_step"] = saved
+            model(model.backend.asarray(ids[:, :2]), cache=cache)
+            steps.append(np.asarray(model(model.backend.asarray(ids[:, 2:3]), cache=cache)))
     assert not any(calls)
     np.testing.assert_array_equal(steps[0], steps[1])
 
 
-def test_a_full_cache_is_the_modules_error(numpy_backend, calls) -> None:
+def test_a_full_cache_is_the_modules_error(numpy_backend, kind, calls) -> None:
     config = GPTConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=1)
     model = GPT(config, seed=0).to(numpy_backend)
-    cache = model.new_cache(1, max_len=3)
-    model(numpy_backend.asarray(np.array([[1, 2]])), cache=cache)
-    model(numpy_backend.asarray(np.array([[3]])), cache=cache)  # fused: position 2 of 3
-    assert calls == [True] and cache.length == 3
-    with pytest.raises(ValueError, match="(KV cache is full|context)"):
-        model(numpy_backend.asarray(np.array([[4]])), cache=cache)
+    with only(numpy_backend, kind):
+        cache = model.new_cache(1, max_len=3)
+        model(numpy_backend.asarray(np.array([[1, 2]])), cache=cache)
+        model(numpy_backend.asarray(np.array([[3]])), cache=cache)  # fused: position 2 of 3
+        assert calls == [True] and cache.length == 3
+        with pytest.raises(ValueError, match="(KV cache is full|context)"):
+            model(numpy_backend.asarray(np.array([[4]])), cache=cache)
 
 
-def test_numba_off_runs_the_modules(numpy_backend, calls, monkeypatch) -> None:
+def test_numba_off_runs_the_modules(numpy_backend, kind, calls, monkeypatch) -> None:
     monkeypatch.setenv("TINYTX_NUMBA", "0")
     config = GPTConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=1)
     model = GPT(config, seed=0).to(numpy_backend)
-    cache = model.new_cache(1)
-    model(numpy_backend.asarray(np.array([[1, 2]])), cache=cache)
-    model(numpy_backend.asarray(np.array([[3]])), cache=cache)
+    with only(numpy_backend, kind):
+        cache = model.new_cache(1)
+        model(numpy_backend.asarray(np.array([[1, 2]])), cache=cache)
+        model(numpy_backend.asarray(np.array([[3]])), cache=cache)
     assert calls == [False] and cache.length == 3
-    assert isinstance(tinytx.get_backend("numpy").natives["decoder_block_step"], object)
+    assert isinstance(tinytx.get_backend("numpy").natives[NATIVES[kind]], object)
 
 
-def test_a_nan_weight_gives_nan_as_the_modules_do(numpy_backend, calls) -> None:
+def test_a_nan_weight_gives_nan_as_the_modules_do(numpy_backend, kind, calls) -> None:
     """IEEE arithmetic in the compiled step: NaN flows through (no error, no silent
     number) to the second LayerNorm, whose NaN row goes to the definition, as every
     LayerNorm kernel's does: the step declines and the modules (writing the cache's
@@ -169,13 +190,13 @@ def test_a_nan_weight_gives_nan_as_the_modules_do(numpy_backend, calls) -> None:
     weight = model.parameters()["layers.0.norm1.weight"]
     weight[3] = float("nan")
     ids = np.array([[1, 2, 3]])
-    fused, _ = generate(model, ids, 2, fused=True)
-    modules, _ = generate(model, ids, 2, fused=False)
+    fused, _ = generate(model, ids, 2, fused=kind)
+    modules, _ = generate(model, ids, 2, fused=None)
     assert calls == [False]  # declined at the second LayerNorm
     assert np.isnan(fused).all() and np.isnan(modules).all()
 
 
-def test_int8_weights_go_to_the_modules(numpy_backend, calls) -> None:
+def test_int8_weights_go_to_the_modules(numpy_backend, kind, calls) -> None:
     """Inside int8_weights the products read the int8 copies: the fused step (which reads
     the float32 weights) stands aside, so quantized decoding stays quantized."""
     from tinytx.quantize import int8_weights
@@ -184,13 +205,13 @@ def test_int8_weights_go_to_the_modules(numpy_backend, calls) -> None:
     model = GPT(config, seed=0).to(numpy_backend)
     ids = np.array([[1, 2, 3]])
     with int8_weights(model):
-        quantized, _ = generate(model, ids, 2, fused=True)
+        quantized, _ = generate(model, ids, 2, fused=kind)
     assert calls == []  # the native declined before the kernel
-    full, _ = generate(model, ids, 2, fused=True)
+    full, _ = generate(model, ids, 2, fused=kind)
     assert np.max(np.abs(quantized - full)) > 0  # the int8 copies were read
 
 
-def test_a_nan_key_in_the_cache_gives_nan(numpy_backend, calls) -> None:
+def test_a_nan_key_in_the_cache_gives_nan(numpy_backend, kind, calls) -> None:
     """A NaN score (here from a NaN cached key; the values stay finite) reaches the
     attention's output as NaN, as in the modules' softmax (the compiled exp, which turns
     NaN into a number, is never asked for one); the second LayerNorm's NaN row then
@@ -199,15 +220,110 @@ def test_a_nan_key_in_the_cache_gives_nan(numpy_backend, calls) -> None:
     config = GPTConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=1)
     model = GPT(config, seed=0).to(numpy_backend)
     outs = []
-    for fused in (True, False):
-        saved = None if fused else numpy_backend.natives.pop("decoder_block_step")
-        try:
+    for fused in (kind, None):
+        with only(numpy_backend, fused):
             cache = model.new_cache(1)
             model(numpy_backend.asarray(np.array([[1, 2]])), cache=cache)
             cache.layers[0].key_buffer[0, 0, 0, 0] = float("nan")  # head 0, position 0
             outs.append(np.asarray(model(numpy_backend.asarray(np.array([[3]])), cache=cache)))
-        finally:
-            if saved is not None:
-                numpy_backend.natives["decoder_block_step"] = saved
     assert calls == [False]  # declined at the second LayerNorm
     assert np.isnan(outs[0]).all() and np.isnan(outs[1]).all()
+
+
+def _blocks_and_caches(model: GPT, position: int, rng: np.random.Generator) -> tuple:
+    """The model's blocks' step weights, and caches holding ``position`` random keys and
+    values (float32, as numpy arrays)."""
+    x = model.backend.asarray(rng.standard_normal((1, 1, model.config.d_model), dtype=np.float32))
+    cache = model.new_cache(1)
+    weights, keys, values = [], [], []
+    for block, layer in zip(model.layers, cache.layers, strict=True):
+        layer.key_buffer[...] = rng.standard_normal(layer.key_buffer.shape, dtype=np.float32)
+        layer.value_buffer[...] = rng.standard_normal(layer.value_buffer.shape, dtype=np.float32)
+        weights.append(block._step_weights(x, layer))
+        keys.append(layer.key_buffer[0])
+        values.append(layer.value_buffer[0])
+    return np.asarray(x[0, 0]), weights, keys, values
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("least_bytes", [4, 1 << 16])
+def test_the_stack_gives_the_same_numbers_however_the_rows_are_shared(
+    numpy_backend, monkeypatch, threads, least_bytes
+) -> None:
+    """Each output is computed whole by one thread, with the same compiled code, so the
+    stack's numbers and the keys and values it writes are the same bit for bit whether
+    one thread or two share the rows, one row per take or many. (How they round against
+    the modules is the test above.)"""
+    config = GPTConfig(vocab_size=11, context_length=16, d_model=32, n_heads=4, n_kv_heads=2,
+                       n_layers=3, d_ff=96)  # fmt: skip
+    model = GPT(config, seed=1).to(numpy_backend)
+    x, weights, keys, values = _blocks_and_caches(model, 5, np.random.default_rng(7))
+    runs = []
+    for least, count in ((1 << 16, 1), (least_bytes, threads)):
+        monkeypatch.setattr(matvec_kernels, "_LEAST_BYTES_PER_TAKE", least)
+        k, v = [a.copy() for a in keys], [a.copy() for a in values]
+        y, done = matvec_kernels.stack_step(x, k, v, 5, weights, count)
+        assert done == 3
+        runs.append([y, *k, *v])
+    for ours, theirs in zip(*runs, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(keys[0][:, 5], runs[0][1][:, 5])  # position 5 was written
+
+
+def test_more_shares_than_threads_still_finish(numpy_backend, monkeypatch) -> None:
+    """A thread waits only for rows another thread has taken, so the stack finishes
+    even when its shares run one after another on one thread (as a threading layer may
+    run them): here three shares on a team of one."""
+    import numba
+
+    config = GPTConfig(vocab_size=11, context_length=16, d_model=32, n_heads=4, n_layers=2,
+                       d_ff=64)  # fmt: skip
+    model = GPT(config, seed=2).to(numpy_backend)
+    x, weights, keys, values = _blocks_and_caches(model, 3, np.random.default_rng(0))
+    copies = [k.copy() for k in keys], [v.copy() for v in values]
+    expected, _ = matvec_kernels.stack_step(x, *copies, 3, weights, 1)
+
+    def three_shares_one_thread(threads: int) -> None:
+        numba.set_num_threads(1)
+        matvec_kernels._threads.count = 3  # what the kernel is told: three shares
+
+    before = numba.get_num_threads()
+    monkeypatch.setattr(matvec_kernels, "_set_threads", three_shares_one_thread)
+    try:
+        y, done = matvec_kernels.stack_step(x, keys, values, 3, weights, 3)
+    finally:
+        numba.set_num_threads(before)
+        matvec_kernels._threads.count = None  # the next call sets numba's count again
+    assert done == 2
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_a_stack_that_stops_midway_hands_over_to_the_modules(numpy_backend) -> None:
+    """Where a LayerNorm row must go to the definition (here block 1's second one: a huge
+    attention bias overflows its variance in float32), the stack returns after block 0
+    and block 1's modules carry on (writing block 1's keys and values again): the
+    logits round like the modules', and every cache holds every token."""
+    config = GPTConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=3)
+    model = GPT(config, seed=4).to(numpy_backend)
+    bias = model.parameters()["layers.1.self_attn.out_proj.bias"]
+    bias[0::2], bias[1::2] = 1e30, -1e30  # variance 1e60
+    ids = np.random.default_rng(3).integers(0, 11, (1, 5))
+    seen: list[int] = []
+    original = matvec_kernels.stack_step
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(None if out is None else out[1])
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("tinytx.backends.numpy_natives.stack_step", spy)
+        fused, fused_kv = generate(model, ids, 2, fused="stack")
+    assert seen == [1, 1, 1]  # block 0 by the stack, then the modules
+    modules, modules_kv = generate(model, ids, 2, fused=None)
+    exact, _ = generate(model.to(numpy_backend, dtype="float64"), ids, 2, fused=None)
+    assert np.isfinite(fused).all()
+    own_error = np.max(np.abs(modules - exact))
+    assert np.max(np.abs(fused - exact)) <= 4 * own_error + 8 * EPS32 * np.max(np.abs(exact))
+    for ours, theirs in zip(fused_kv, modules_kv, strict=True):
+        assert ours[0].shape == theirs[0].shape  # every layer holds all five positions

@@ -16,7 +16,7 @@ flag. Parameter names follow ``nn.TransformerEncoderLayer`` / ``nn.TransformerDe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tinytx import init
@@ -32,6 +32,7 @@ __all__ = [
     "DecoderBlock",
     "EncoderBlock",
     "make_norm",
+    "one_token_through_blocks",
     "residual_backward",
     "residual_forward_and_save",
 ]
@@ -305,8 +306,24 @@ class DecoderBlock(Module):
         per token, which matter when decoding reads every weight once per token.
         """
         native = self.backend.natives.get("decoder_block_step")
+        weights = None if native is None else self._step_weights(x, cache)
+        if weights is None:
+            return None
+        y = native(
+            x[0, 0, :], cache.key_buffer[0, ...], cache.value_buffer[0, ...], cache.length, *weights
+        )  # fmt: skip  (d_model,)
+        if y is NotImplemented:
+            return None
+        cache.length += 1  # the kernel wrote this position's keys and values
+        return y[None, None, :]  # (1, 1, d_model)
+
+    def _step_weights(self, x: Array, cache: LayerKVCache) -> tuple[Any, ...] | None:
+        """What a decode-step native needs besides x and the cache: (norm1, in_proj,
+        out_proj, norm2, linear1, linear2, activation, scale), norms as (weight, bias,
+        eps) and products as (weight, bias); or None where this block is not the kind the
+        natives compute (see :meth:`_one_token_at_once`)."""
         attn, ff = self.self_attn, self.ff
-        if native is None or tuple(x.shape) != (1, 1, attn.d_model) or not self.norm_first:
+        if tuple(x.shape) != (1, 1, attn.d_model) or not self.norm_first:
             return None
         if cache.key_buffer.shape[0] != 1:  # another batch: the modules raise the error
             return None
@@ -319,11 +336,7 @@ class DecoderBlock(Module):
             return None
         scale = attn.attention_options.get("scale") or 1.0 / math.sqrt(attn.d_head)
         norm1, norm2 = self.norms
-        y = native(
-            x[0, 0, :],
-            cache.key_buffer[0, ...],
-            cache.value_buffer[0, ...],
-            cache.length,
+        return (
             (norm1.weight, norm1.bias, norm1.eps),
             (attn.in_proj_weight, attn.in_proj_bias),
             (attn.out_proj.weight, attn.out_proj.bias),
@@ -332,11 +345,7 @@ class DecoderBlock(Module):
             (ff.linear2.weight, ff.linear2.bias),
             ff.activation,
             scale,
-        )  # (d_model,)
-        if y is NotImplemented:
-            return None
-        cache.length += 1  # the kernel wrote this position's keys and values
-        return y[None, None, :]  # (1, 1, d_model)
+        )
 
     def _check_memory(self, memory: Array | None) -> None:
         if (memory is None) != (self.multihead_attn is None):
@@ -394,3 +403,33 @@ class DecoderBlock(Module):
         grads.update(self.prefix_grads("self_attn", self_grads))
         grads.update(self.prefix_grads("norm1", norm_grads))
         return (grad_x, grad_memory), grads
+
+
+def one_token_through_blocks(
+    blocks: Sequence[DecoderBlock], x: Array, caches: Sequence[LayerKVCache]
+) -> tuple[Array, int]:
+    """One new token through a stack of decoder blocks in one call of the backend's
+    ``decoder_stack_step`` native, where every block is the kind
+    :meth:`DecoderBlock._one_token_at_once` computes (numpy with numba: one compiled
+    function, its threads working through all the blocks' products without returning
+    to Python). The same arithmetic as calling the blocks in turn, within rounding.
+
+    x: (1, 1, d_model); caches[i]: block i's cache -> (y (1, 1, d_model), n): the output
+    of the first n blocks, whose caches now hold this token. n = 0 (y is x) where the
+    native does not apply; the caller runs the blocks from n on, one by one.
+    """
+    native = blocks[0].backend.natives.get("decoder_stack_step") if blocks else None
+    if native is None or len({cache.length for cache in caches}) != 1:
+        return x, 0
+    weights = [block._step_weights(x, cache) for block, cache in zip(blocks, caches, strict=True)]
+    if any(w is None for w in weights):
+        return x, 0
+    keys = [cache.key_buffer[0, ...] for cache in caches]  # (heads_kv, max_len, d_head) each
+    values = [cache.value_buffer[0, ...] for cache in caches]
+    result = native(x[0, 0, :], keys, values, caches[0].length, weights)
+    if result is NotImplemented:
+        return x, 0
+    y, done = result  # (d_model,), blocks run
+    for cache in caches[:done]:
+        cache.length += 1  # the kernel wrote this position's keys and values
+    return y[None, None, :], done  # (1, 1, d_model)

@@ -29,7 +29,7 @@ from tinytx import functional as F
 from tinytx import init
 from tinytx.backends import Backend, resolve_backend
 from tinytx.layers.basic import ACTIVATIONS, Embedding, Linear
-from tinytx.layers.blocks import DecoderBlock, make_norm
+from tinytx.layers.blocks import DecoderBlock, make_norm, one_token_through_blocks
 from tinytx.layers.kv_cache import KVCache
 from tinytx.layers.module import Module, StateDictError
 from tinytx.layers.positions import LearnedPositions
@@ -264,7 +264,13 @@ class GPT(Module):
         if self.position_embedding is not None:
             x = self.position_embedding(x, offset)  # (batch, seq, d_model), positions offset..
         all_weights = []
+        first = 0  # blocks already run
+        if cache is not None and not return_weights:  # one new token: a fused native, if any
+            caches = [cache[i] for i in range(len(self.layers))]
+            x, first = one_token_through_blocks(self.layers, x, caches)  # (1, 1, d_model)
         for i, layer in enumerate(self.layers):
+            if i < first:
+                continue
             layer_cache = None if cache is None else cache[i]
             x = layer(x, causal=True, cache=layer_cache, return_weights=return_weights)
             if return_weights:
