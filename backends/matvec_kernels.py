@@ -121,20 +121,24 @@ def _build(numba: Any) -> dict[str, Any]:
     exp, gelu, gelu_tanh = numba_kernels._exp, numba_kernels._gelu_one, numba_kernels._gelu_tanh_one
 
     @serial
-    def one_output(x: Any, w: Any, o: int, bias: Any, activation: int) -> Any:  # pragma: no cover
-        """act(x . W[o] + b[o]): one output of a product. x: (d_in,); w: (d_out, d_in);
-        bias: (d_out,) or (0,) for none; activation: an ACTIVATION_CODES value or -1.
-        Row o of W is read once, as one contiguous stream, the sum in vector lanes."""
+    def one_output(x: Any, w: Any, o: int, bias: Any) -> Any:  # pragma: no cover
+        """x . W[o] + b[o]: one output of a product. x: (d_in,); w: (d_out, d_in); bias:
+        (d_out,) or (0,) for none. Row o of W is read once, as one contiguous stream, the
+        sum in vector lanes."""
         total = x.dtype.type(0.0)  # in x's dtype (a float64 0.0 would promote the sum)
         for i in range(x.shape[0]):
             total += x[i] * w[o, i]
-        a = total + bias[o] if bias.shape[0] > 0 else total
+        return total + bias[o] if bias.shape[0] > 0 else total
+
+    @serial
+    def activated(a: Any, activation: int) -> Any:  # pragma: no cover
+        """act(a): activation an ACTIVATION_CODES value, or -1 for none."""
         if activation == 0:
-            a = max(a, x.dtype.type(0.0))
-        elif activation == 1:
-            a = gelu(a)
-        elif activation == 2:
-            a = gelu_tanh(a)
+            return max(a, np.float32(0.0))  # float32 stays float32, float64 float64
+        if activation == 1:
+            return gelu(a)
+        if activation == 2:
+            return gelu_tanh(a)
         return a
 
     @parallel
@@ -149,7 +153,7 @@ def _build(numba: Any) -> dict[str, Any]:
         has_residual = residual.shape[0] > 0
         for o in numba.prange(w.shape[0]):
             for r in range(x.shape[0]):
-                a = one_output(x[r], w, o, bias, activation)
+                a = activated(one_output(x[r], w, o, bias), activation)
                 out[r, o] = a + residual[r, o] if has_residual else a
 
     @serial
@@ -287,8 +291,13 @@ def _build(numba: Any) -> dict[str, Any]:
             if start == n:
                 break
             for o in range(start, stop):
-                a = one_output(x, w, o, bias, activation)
-                out[o] = a + residual[o] if residual.shape[0] > 0 else a
+                out[o] = one_output(x, w, o, bias)
+            if activation >= 0:  # a loop of its own, in vector lanes: the GELU's exps
+                for o in range(start, stop):
+                    out[o] = activated(out[o], activation)
+            if residual.shape[0] > 0:
+                for o in range(start, stop):
+                    out[o] += residual[o]
             done(team, phase, stop - start)
         wait(team, phase, n)
 
@@ -321,35 +330,19 @@ def _build(numba: Any) -> dict[str, Any]:
 
     @parallel
     def stack(
-        x: Any,
-        keys: Any,
-        values: Any,
-        position: int,
-        n1w: Any,
-        n1b: Any,
-        eps1: Any,
-        w_in: Any,
-        b_in: Any,
-        w_out: Any,
-        b_out: Any,
-        n2w: Any,
-        n2b: Any,
-        eps2: Any,
-        w_1: Any,
-        b_1: Any,
-        w_2: Any,
-        b_2: Any,
-        activation: Any,
-        scale: Any,
-        threads: int,
-        least_bytes: int,
-        out: Any,
+        x: Any, keys: Any, values: Any, position: int, n1w: Any, n1b: Any, eps1: Any,
+        w_in: Any, b_in: Any, w_out: Any, b_out: Any, n2w: Any, n2b: Any, eps2: Any,
+        w_1: Any, b_1: Any, w_2: Any, b_2: Any, activation: Any, scale: Any, final_w: Any,
+        final_b: Any, final_eps: float, head_w: Any, head_b: Any, threads: int,
+        least_bytes: int, out: Any, logits: Any,
     ) -> int:  # pragma: no cover  fmt: skip
         """See :func:`stack_step`. x, out: (d,); the others: one entry per block
-        (activation, scale, eps1, eps2: (blocks,) arrays). ``threads`` shares of the work,
-        one per thread of numba's team. Returns how many blocks ran (out: the last one's
-        output): fewer than all where a LayerNorm row must go to the definition (every
-        thread computes the LayerNorm itself, on the same numbers, and decides alike)."""
+        (activation, scale, eps1, eps2: (blocks,) arrays); then the head, if head_w has
+        rows: logits = W_head LN_f(y) + b_head, into logits (vocab,). ``threads`` shares
+        of the work, one per thread of numba's team. Returns how many stages ran, the
+        blocks and then the head (out: the last block's output): fewer than all where a
+        LayerNorm row must go to the definition (every thread computes the LayerNorm
+        itself, on the same numbers, and decides alike)."""
         blocks, d = len(keys), x.shape[0]
         # every intermediate has its own row, written once: no thread overwrites what a
         # slower one may still be reading
@@ -359,7 +352,7 @@ def _build(numba: Any) -> dict[str, Any]:
         attended = np.empty((blocks, d), dtype=x.dtype)  # the heads side by side
         x1 = np.empty((blocks, d), dtype=x.dtype)  # after attention's residual
         hidden = np.empty((blocks, w_1[0].shape[0]), dtype=x.dtype)  # (blocks, d_ff)
-        team = (np.zeros(5 * blocks * line, dtype=np.int64), threads, least_bytes)
+        team = (np.zeros((5 * blocks + 1) * line, dtype=np.int64), threads, least_bytes)
         reached = np.empty(threads, dtype=np.int64)
         none = np.empty(0, dtype=x.dtype)  # no bias, no residual
         for thread in numba.prange(threads):
@@ -383,10 +376,14 @@ def _build(numba: Any) -> dict[str, Any]:
                 share_of_product(hidden[i], w_2[i], b_2[i], -1, x1[i], xs[i + 1], team,
                                  phase + 4)  # fmt: skip
                 i += 1
+            if i == blocks and head_w.shape[0] > 0:  # logits = W_head LN_f(y) + b_head
+                if layer_norm(xs[blocks : blocks + 1], final_w, final_b, final_eps, h) == 0:
+                    share_of_product(h[0], head_w, head_b, -1, none, logits, team, 5 * blocks)
+                    i += 1
             reached[thread] = i
-        blocks_run = reached.min()
-        out[:] = xs[blocks_run]
-        return blocks_run
+        stages = reached.min()
+        out[:] = xs[min(stages, blocks)]
+        return stages
 
     return {"product": product, "step": step, "stack": stack}
 
@@ -502,35 +499,46 @@ def stack_step(
     position: int,
     blocks: list[tuple[Any, ...]],
     threads: int,
+    head: tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, int] | None:
-    """One new token through a stack of pre-norm decoder blocks, all in one compiled
-    call, with one team of threads for the whole stack: what :func:`block_step` does for
-    each block in turn, without returning to Python between the blocks, and without
-    ending the threads' work after every product. The threads take a product's output
-    rows as they come (guided: big shares first, smaller ones as the rows run out) and
-    each waits only for rows another thread has taken, so a product's slowest thread
-    does not hold up the next product's whole team (see the README's "Why decoding is
-    bandwidth-bound").
+    """One new token through a stack of pre-norm decoder blocks, and then through the
+    model's head if ``head`` is given, all in one compiled call with one team of threads:
+    what :func:`block_step` does for each block in turn, without returning to Python
+    between the blocks, and without ending the threads' work after every product. The
+    threads take a product's output rows as they come (guided: big shares first, smaller
+    ones as the rows run out) and each waits only for rows another thread has taken, so
+    a product's slowest thread does not hold up the next product's whole team (see the
+    README's "Why decoding is bandwidth-bound").
 
     x: (d,); keys[i], values[i]: block i's (heads_kv, max_len, d_head) cache buffers,
     written at ``position``; blocks[i]: block i's (norm1, in_proj, out_proj, norm2,
-    linear1, linear2, activation, scale) as :func:`block_step` takes them ->
-    (y (d,), n): the output of the first n blocks (all of them but where a LayerNorm row
-    must go to the definition: then block n's modules take y), or None where the
-    kernel does not apply (numba missing or off, not all float32, a weight not
-    C-contiguous, a full cache, blocks of different kinds of shapes).
+    linear1, linear2, activation, scale) as :func:`block_step` takes them; head: the
+    final LayerNorm's weight (d,), bias (d,) and eps, and the output layer's weight
+    (vocab, d) and bias (vocab,) or None -> (y, n): n stages ran, the blocks and then the
+    head. y is the logits (vocab,) where the head ran; else the output of the first n
+    blocks (d,): fewer than all where a LayerNorm row must go to the definition, and the
+    caller's modules take over from there. None where the kernel does not apply (numba
+    missing or off, not all float32, an array not C-contiguous, a full cache, blocks
+    whose arrays differ in kind).
     """
     if not blocks or not numba_kernels.enabled():
         return None
     if any(block[6] not in ACTIVATION_CODES for block in blocks):
         return None
     columns = list(zip(*(_flat(block) for block in blocks), strict=True))  # per argument
+    none = np.empty(0, dtype=np.float32)
+    if head is None:  # (0,)-sized stand-ins: the kernel skips the head
+        head = (none, none, 1.0, np.empty((0, x.shape[0]), dtype=np.float32), none)
+    final_w, final_b, final_eps, head_w, head_b = head
+    head_b = none if head_b is None else head_b
     arrays = [x, *keys, *values, *(a for column in columns for a in column)]
     if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays):
         return None
-    if any(
-        not k.flags.writeable or not v.flags.writeable for k, v in zip(keys, values, strict=True)
-    ):
+    if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in head[:2] + head[3:4]):
+        return None
+    if head_b.dtype != np.float32 or head_w.ndim != 2 or head_w.shape[1] != x.shape[0]:
+        return None
+    if not all(k.flags.writeable and v.flags.writeable for k, v in zip(keys, values, strict=True)):
         return None
     if position >= min(k.shape[1] for k in keys) or len({k.shape for k in keys}) != 1:
         return None
@@ -543,13 +551,14 @@ def stack_step(
     activation = np.array([ACTIVATION_CODES[block[6]] for block in blocks])
     scale = np.array([block[7] for block in blocks], dtype=np.float32)
     out = np.empty_like(x)  # (d,)
+    logits = np.empty(head_w.shape[0], dtype=x.dtype)  # (vocab,), or (0,) without a head
     n1w, n1b, w_in, b_in, w_out, b_out, n2w, n2b, w_1, b_1, w_2, b_2 = map(tuple, columns)
-    done = stack(
+    stages = stack(
         x, tuple(keys), tuple(values), position, n1w, n1b, norm1_eps, w_in, b_in, w_out,
-        b_out, n2w, n2b, norm2_eps, w_1, b_1, w_2, b_2, activation, scale,
-        _threads.count, _LEAST_BYTES_PER_TAKE, out,
+        b_out, n2w, n2b, norm2_eps, w_1, b_1, w_2, b_2, activation, scale, final_w, final_b,
+        float(final_eps), head_w, head_b, _threads.count, _LEAST_BYTES_PER_TAKE, out, logits,
     )  # fmt: skip
-    return out, int(done)
+    return (logits if stages > len(blocks) else out), int(stages)
 
 
 def _flat(block: tuple[Any, ...]) -> tuple[np.ndarray, ...]:

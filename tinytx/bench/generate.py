@@ -16,7 +16,12 @@ at position c - 1:
 The physical limit, measured in the same run: a decode step reads every weight once, so
 it cannot take less than (weight bytes per token) / (memory read bandwidth). The run
 sums a 1 GiB float32 array (best of several) for the bandwidth and prints that ceiling
-in tokens/s; tinytx's decode speed is reported as a fraction of it.
+in tokens/s; tinytx's decode speed is reported as a fraction of it. The bandwidth is
+measured again right before and right after each timed tinytx run (best of two sums, on
+one thread and on all; the better side counts), and each run is set against its own
+ceiling: on a shared machine whose memory speed drifts by a quarter from minute to
+minute, a ceiling measured once at the start would compare a run with a different
+machine. ``decode_vs_ceiling`` is the median of the runs' fractions.
 
 Targets: the cached per-token time grows at most linearly with the context; at 1024 the
 cache is at least 10x faster than recomputing; at context 64, tinytx's decode tokens/s
@@ -53,19 +58,26 @@ CONTEXTS = (64, 128, 256, 512, 1024)
 N_NEW = 32
 
 
-def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5, threads: int | None = None) -> float:
+def read_bandwidth(
+    n_bytes: int = 1 << 30,
+    repeats: int = 5,
+    threads: int | None = None,
+    data: np.ndarray | None = None,
+) -> float:
     """The machine's memory read bandwidth in bytes/s: the best of ``repeats`` sums of an
     ``n_bytes`` float32 array (1 GiB: far larger than any cache), the array split into
     one slice per thread (``threads``, default tinytx's pool size), each summed on its own
     thread (NumPy releases the GIL), as the decode step's products read the weights.
     The best run is the closest to what the hardware can do; the others were slowed by
-    other work."""
+    other work. ``data``: the array to sum (1-D float32), instead of a new one of
+    ``n_bytes`` (writing a fresh GiB takes longer than summing it)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tinytx.backends import numpy_natives
 
     threads = numpy_natives.get_num_threads() if threads is None else threads
-    data = np.ones(n_bytes // 4, dtype=np.float32)  # written once, so every page is real
+    if data is None:
+        data = np.ones(n_bytes // 4, dtype=np.float32)  # written once: every page is real
     shares = np.array_split(data, threads)
     best = float("inf")
     with ThreadPoolExecutor(threads) as pool:
@@ -200,7 +212,13 @@ def run(
         quantized = int8_weights(ours)
     # The best of one thread and all of them: what the memory system delivers, however
     # it is best reached on this machine.
-    bandwidth = max(read_bandwidth(threads=1), read_bandwidth())
+    probe = np.ones(1 << 28, dtype=np.float32)  # 1 GiB, summed again before each run
+
+    def bandwidth_now(repeats: int) -> float:
+        return max(read_bandwidth(repeats=repeats, threads=1, data=probe),
+                   read_bandwidth(repeats=repeats, data=probe))  # fmt: skip
+
+    bandwidth = bandwidth_now(5)
     ceiling = bandwidth / bytes_per_token  # tokens/s if a step did nothing but read weights
     if progress is not None:
         progress(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, weights {bytes_per_token / 1e6:.0f} "
@@ -219,11 +237,15 @@ def run(
                 _tinytx_cached(ours, prompt, 2)  # warm-up (compiles the kernel once)
         totals, decodes, hf_totals = [], [], []
         q_totals, q_decodes = [], []
+        bandwidths, fractions = [], []  # each run's own ceiling, and its share of it
         for _ in range(repeats):  # alternate: a burst of load elsewhere hits both
             time.sleep(pause)
+            before = bandwidth_now(2)
             total, decode, tokens = _tinytx_cached(ours, prompt, N_NEW)
+            bandwidths.append(max(before, bandwidth_now(2)))  # the better of both sides
             totals.append(total)
             decodes.append(decode)
+            fractions.append(bytes_per_token / bandwidths[-1] / decode)
             if theirs is not None:
                 time.sleep(pause)
                 hf_seconds, hf_tokens = _transformers_generate(theirs, prompt, N_NEW)
@@ -246,7 +268,9 @@ def run(
         }
         row["cache_speedup"] = row["uncached_ms_per_token"] / row["cached_ms_per_token"]
         row["decode_tok_s"] = 1e3 / row["cached_ms_per_token"]
-        row["decode_vs_ceiling"] = row["decode_tok_s"] / ceiling
+        row["run_bandwidth_gb_s"] = [b / 1e9 for b in bandwidths]
+        row["run_vs_ceiling"] = fractions  # each run against the bandwidth around it
+        row["decode_vs_ceiling"] = statistics.median(fractions)
         row["cached_vs_ceiling"] = row["cached_tok_s"] / ceiling
         if theirs is not None:
             row["transformers_tok_s"] = N_NEW / statistics.median(hf_totals)
@@ -260,8 +284,7 @@ def run(
                 row["int8_over_transformers"] = row["int8_tok_s"] / row["transformers_tok_s"]
         rows.append(row)
         if progress is not None:
-            progress(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in row.items()))  # fmt: skip
+            progress(", ".join(f"{k} {_short(v)}" for k, v in row.items()))
     return {
         "benchmark": "generate",
         "backend": backend.name,
@@ -339,7 +362,10 @@ def format_results(result: dict[str, Any]) -> str:
         f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s (best sum of a 1 GiB float32 "
         f"array), weights read per token {result['weight_bytes_per_token'] / 1e6:.0f} MB: "
         f"ceiling {result['ceiling_tok_s']:.1f} tokens/s (decode_tok_s = 1 / decode time "
-        "per token after the first; cached_tok_s includes the prompt)",
+        "per token after the first; cached_tok_s includes the prompt; decode_vs_ceiling: "
+        "the median of the runs' fractions, each run against the better bandwidth measured "
+        "just before and just after it)",
+        *_per_run_lines(result["results"]),
         format_table(result["results"], columns),
         "targets:",
     ]
@@ -348,6 +374,26 @@ def format_results(result: dict[str, Any]) -> str:
         state = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
         lines.append(f"  {name}: {value} ({state})")
     return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    """A row's value for a progress line: floats (alone or in a list) to 4 digits."""
+    if isinstance(value, list):
+        return "[" + " ".join(_short(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _per_run_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per context: each run's bandwidth and its fraction of that ceiling."""
+    return [
+        f"context {row['context']}, each run: "
+        + ", ".join(
+            f"{fraction:.2f} of {gb_s:.1f} GB/s"
+            for fraction, gb_s in zip(row["run_vs_ceiling"], row["run_bandwidth_gb_s"], strict=True)
+        )
+        for row in rows
+        if "run_vs_ceiling" in row
+    ]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -406,17 +406,23 @@ class DecoderBlock(Module):
 
 
 def one_token_through_blocks(
-    blocks: Sequence[DecoderBlock], x: Array, caches: Sequence[LayerKVCache]
+    blocks: Sequence[DecoderBlock],
+    x: Array,
+    caches: Sequence[LayerKVCache],
+    head: tuple[Any, ...] | None = None,
 ) -> tuple[Array, int]:
-    """One new token through a stack of decoder blocks in one call of the backend's
-    ``decoder_stack_step`` native, where every block is the kind
+    """One new token through a stack of decoder blocks, and then the model's head, in one
+    call of the backend's ``decoder_stack_step`` native, where every block is the kind
     :meth:`DecoderBlock._one_token_at_once` computes (numpy with numba: one compiled
     function, its threads working through all the blocks' products without returning
     to Python). The same arithmetic as calling the blocks in turn, within rounding.
 
-    x: (1, 1, d_model); caches[i]: block i's cache -> (y (1, 1, d_model), n): the output
-    of the first n blocks, whose caches now hold this token. n = 0 (y is x) where the
-    native does not apply; the caller runs the blocks from n on, one by one.
+    x: (1, 1, d_model); caches[i]: block i's cache; head: the final LayerNorm's weight,
+    bias and eps and the output layer's weight (vocab, d_model) and bias or None, or
+    None for no head -> (y, n): n stages ran, the blocks and then the head. y is the
+    logits (1, 1, vocab) where the head ran, else the output of the first n blocks
+    (1, 1, d_model), whose caches now hold this token. n = 0 (y is x) where the native
+    does not apply; the caller runs the rest, block by block.
     """
     native = blocks[0].backend.natives.get("decoder_stack_step") if blocks else None
     if native is None or len({cache.length for cache in caches}) != 1:
@@ -426,10 +432,10 @@ def one_token_through_blocks(
         return x, 0
     keys = [cache.key_buffer[0, ...] for cache in caches]  # (heads_kv, max_len, d_head) each
     values = [cache.value_buffer[0, ...] for cache in caches]
-    result = native(x[0, 0, :], keys, values, caches[0].length, weights)
+    result = native(x[0, 0, :], keys, values, caches[0].length, weights, head)
     if result is NotImplemented:
         return x, 0
-    y, done = result  # (d_model,), blocks run
-    for cache in caches[:done]:
+    y, stages = result  # (vocab,) or (d_model,), stages run
+    for cache in caches[:stages]:
         cache.length += 1  # the kernel wrote this position's keys and values
-    return y[None, None, :], done  # (1, 1, d_model)
+    return y[None, None, :], stages  # (1, 1, vocab) or (1, 1, d_model)

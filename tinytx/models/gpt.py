@@ -28,7 +28,7 @@ from array_api_compat import array_namespace
 from tinytx import functional as F
 from tinytx import init
 from tinytx.backends import Backend, resolve_backend
-from tinytx.layers.basic import ACTIVATIONS, Embedding, Linear
+from tinytx.layers.basic import ACTIVATIONS, Embedding, LayerNorm, Linear
 from tinytx.layers.blocks import DecoderBlock, make_norm, one_token_through_blocks
 from tinytx.layers.kv_cache import KVCache
 from tinytx.layers.module import Module, StateDictError
@@ -267,7 +267,9 @@ class GPT(Module):
         first = 0  # blocks already run
         if cache is not None and not return_weights:  # one new token: a fused native, if any
             caches = [cache[i] for i in range(len(self.layers))]
-            x, first = one_token_through_blocks(self.layers, x, caches)  # (1, 1, d_model)
+            x, first = one_token_through_blocks(self.layers, x, caches, self._head_weights())
+            if first > len(self.layers):
+                return x  # (1, 1, vocab): the native ran the head too
         for i, layer in enumerate(self.layers):
             if i < first:
                 continue
@@ -281,6 +283,16 @@ class GPT(Module):
         x = self.norm(x)  # (batch, seq, d_model)
         logits = self.head(x) if self.head is not None else self._tied_head(x)  # (b, seq, vocab)
         return (logits, all_weights) if return_weights else logits
+
+    def _head_weights(self) -> tuple[Any, ...] | None:
+        """The final LayerNorm's weight, bias and eps and the output layer's weight and
+        bias, for a decode-step native that runs the head too; None for another norm."""
+        norm = self.norm
+        if type(norm) is not LayerNorm or norm.bias is None:
+            return None
+        if self.head is None:
+            return norm.weight, norm.bias, norm.eps, self.token_embedding.weight, None
+        return norm.weight, norm.bias, norm.eps, self.head.weight, self.head.bias
 
     def _tied_head(self, x: Array) -> Array:
         """logits = x E^T, the token embedding read backwards.  (..., d) -> (..., vocab)."""
