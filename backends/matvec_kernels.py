@@ -112,304 +112,338 @@ def _atomics(numba: Any) -> tuple[Any, Any, Any]:
     return load, add, swap
 
 
+# --- the kernels, as plain Python; compiled by _build on first use ------------------------
+
+# Set by _build: numba's prange, numba_kernels' compiled helpers, the atomic operations.
+prange = range
+_layer_norm: Any = None
+_exp: Any = None
+_gelu: Any = None
+_gelu_tanh: Any = None
+_load: Any = None
+_add: Any = None
+_swap: Any = None
+_LINE = 8  # int64 counters per 64-byte cache line (the stack's, per phase)
+
+
+def one_output(x: Any, w: Any, o: int, bias: Any) -> Any:  # pragma: no cover
+    """x . W[o] + b[o]: one output of a product. x: (d_in,); w: (d_out, d_in); bias:
+    (d_out,) or (0,) for none. Row o of W is read once, as one contiguous stream, the
+    sum in vector lanes."""
+    total = x.dtype.type(0.0)  # in x's dtype (a float64 0.0 would promote the sum)
+    for i in range(x.shape[0]):
+        total += x[i] * w[o, i]
+    return total + bias[o] if bias.shape[0] > 0 else total
+
+
+def activated(a: Any, activation: int) -> Any:  # pragma: no cover
+    """act(a): activation an ACTIVATION_CODES value, or -1 for none."""
+    if activation == 0:
+        return max(a, np.float32(0.0))  # float32 stays float32, float64 float64
+    if activation == 1:
+        return _gelu(a)
+    if activation == 2:
+        return _gelu_tanh(a)
+    return a
+
+
+def product(
+    x: Any, w: Any, bias: Any, activation: int, residual: Any, out: Any
+) -> None:  # pragma: no cover  fmt: skip
+    """out = act(x W^T + b) + residual. x: (rows, d_in); w: (d_out, d_in); bias: (d_out,)
+    or (0,) for none; activation: an ACTIVATION_CODES value or -1; residual: (rows,
+    d_out) or (0, 0) for none; out: (rows, d_out). Output rows of W are shared
+    between threads; each row of W is read once for every row of x; the activation
+    comes right after its sum, beside the weights' reads."""
+    has_residual = residual.shape[0] > 0
+    for o in prange(w.shape[0]):
+        for r in range(x.shape[0]):
+            a = activated(one_output(x[r], w, o, bias), activation)
+            out[r, o] = a + residual[r, o] if has_residual else a
+
+
+def attend_head(
+    qkv: Any, keys: Any, values: Any, position: int, head: int, scale: float, out: Any
+) -> None:  # pragma: no cover  fmt: skip
+    """out[head's columns] = softmax(q K[:, :p+1]^T scale) V[:, :p+1] for one head, the
+    positions before p from the cache and p's own key and value from qkv.
+    qkv: (d + 2 d_kv,); keys, values: (heads_kv, max_len, d_head); out: (d,)."""
+    heads_kv, _, d_head = keys.shape
+    d = out.shape[0]
+    d_kv = heads_kv * d_head
+    g = head // (d // d_head // heads_kv)  # its key/value head
+    q = qkv[head * d_head : (head + 1) * d_head]  # (d_head,)
+    k_new = qkv[d + g * d_head : d + (g + 1) * d_head]  # (d_head,)
+    v_new = qkv[d + d_kv + g * d_head : d + d_kv + (g + 1) * d_head]  # (d_head,)
+    scores = np.empty(position + 1, dtype=out.dtype)  # (seq_k,)
+    top = out.dtype.type(-np.inf)  # float32 throughout: exp is float32's
+    for t in range(position + 1):
+        k = keys[g, t] if t < position else k_new  # (d_head,)
+        total = out.dtype.type(0.0)
+        for j in range(d_head):
+            total += q[j] * k[j]
+        scores[t] = total * scale
+        top = max(top, scores[t])
+    norm = out.dtype.type(0.0)
+    for t in range(position + 1):
+        shifted = scores[t] - top  # exp turns NaN into a number: NaN kept here
+        scores[t] = _exp(shifted) if shifted == shifted else shifted
+        norm += scores[t]
+    mixed = np.zeros(d_head, dtype=out.dtype)  # sum_t p_t v_t, one cached row at a time
+    for t in range(position + 1):
+        v = values[g, t] if t < position else v_new  # (d_head,)
+        for j in range(d_head):
+            mixed[j] += scores[t] * v[j]
+    for j in range(d_head):
+        out[head * d_head + j] = mixed[j] / norm
+
+
+def write_cache(qkv: Any, keys: Any, values: Any, position: int, g: int) -> None:
+    """Key/value head g of the new position (from qkv (d + 2 d_kv,)) into the cache."""
+    heads_kv, _, d_head = keys.shape
+    d = qkv.shape[0] - 2 * heads_kv * d_head
+    for j in range(d_head):
+        keys[g, position, j] = qkv[d + g * d_head + j]
+        values[g, position, j] = qkv[d + (heads_kv + g) * d_head + j]
+
+
+def attend(
+    qkv: Any, keys: Any, values: Any, position: int, scale: float, out: Any
+) -> None:  # pragma: no cover  fmt: skip
+    """Every head's :func:`attend_head`, heads between threads."""
+    for head in prange(out.shape[0] // keys.shape[2]):
+        attend_head(qkv, keys, values, position, head, scale, out)
+
+
+def step(  # pragma: no cover (compiled)
+    x: Any, keys: Any, values: Any, position: int, n1w: Any, n1b: Any, eps1: float,
+    w_in: Any, b_in: Any, w_out: Any, b_out: Any, n2w: Any, n2b: Any, eps2: float,
+    w_1: Any, b_1: Any, w_2: Any, b_2: Any, activation: int, scale: float, out: Any,
+) -> bool:  # fmt: skip
+    """See :func:`block_step`; x, out: (1, d). False (before any write to the cache,
+    or with the cache's position written again by the modules) where a LayerNorm row
+    must go to the definition."""
+    none = np.empty((0, 0), dtype=x.dtype)  # no residual
+    # attention: x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
+    h = np.empty_like(x)  # (1, d)
+    if _layer_norm(x, n1w, n1b, eps1, h) != 0:
+        return False
+    qkv = np.empty((1, w_in.shape[0]), dtype=x.dtype)  # (1, d + 2 d_kv)
+    product(h, w_in, b_in, -1, none, qkv)
+    for g in range(keys.shape[0]):  # the new position's key and value, into the cache
+        write_cache(qkv[0], keys, values, position, g)
+    attended = np.empty_like(x)  # (1, d): the heads side by side
+    attend(qkv[0], keys, values, position, scale, attended[0])
+    x1 = np.empty_like(x)  # (1, d)
+    product(attended, w_out, b_out, -1, x, x1)
+    # feed-forward: y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
+    if _layer_norm(x1, n2w, n2b, eps2, h) != 0:
+        return False
+    hidden = np.empty((1, w_1.shape[0]), dtype=x.dtype)  # (1, d_ff)
+    product(h, w_1, b_1, activation, none, hidden)
+    product(hidden, w_2, b_2, -1, x1, out)
+    return True
+
+
+# The stack's threads share each phase (a product, or the heads) through a pair of
+# counters on their own cache _LINE: rows taken so far, rows done so far.
+
+
+def take(team: Any, phase: int, n: int, least: int) -> Any:  # pragma: no cover
+    """The calling thread's next rows [start, stop) of a phase's n: a share of what is
+    left (guided: big shares while much is left, then smaller, at least ``least``
+    rows), or (n, n) once every row is taken. team: (counters, threads, least bytes)."""
+    counters, threads = team[0], team[1]
+    while True:
+        start = _load(counters, phase * _LINE)
+        if start >= n:
+            return n, n
+        stop = min(n, start + max(least, (n - start) // (2 * threads)))
+        if _swap(counters, phase * _LINE, start, stop):
+            return start, stop
+
+
+def done(team: Any, phase: int, rows: int) -> None:  # pragma: no cover
+    """Says that the calling thread has written ``rows`` more rows of the phase."""
+    _add(team[0], phase * _LINE + 1, rows)
+
+
+def wait(team: Any, phase: int, n: int) -> None:  # pragma: no cover
+    """Until all n rows of the phase are done, by whichever threads took them. A
+    thread waits only for rows another thread has taken and is computing, so no
+    wait lasts forever, even where the threads run one after another."""
+    while _load(team[0], phase * _LINE + 1) < n:
+        pass
+
+
+def share_of_product(
+    x: Any,
+    w: Any,
+    bias: Any,
+    activation: int,
+    residual: Any,
+    out: Any,
+    team: Any,
+    phase: int,
+) -> None:  # pragma: no cover  fmt: skip
+    """out = act(x W^T + b) + residual, 1-D (residual (0,) for none), the calling
+    thread's share: rows taken until none is left, then a wait for the others'."""
+    n = w.shape[0]
+    least = max(1, team[2] // (w.shape[1] * w.itemsize))  # rows of at least team[2] bytes
+    while True:
+        start, stop = take(team, phase, n, least)
+        if start == n:
+            break
+        for o in range(start, stop):
+            out[o] = one_output(x, w, o, bias)
+        if activation >= 0:  # a loop of its own, in vector lanes: the GELU's exps
+            for o in range(start, stop):
+                out[o] = activated(out[o], activation)
+        if residual.shape[0] > 0:
+            for o in range(start, stop):
+                out[o] += residual[o]
+        done(team, phase, stop - start)
+    wait(team, phase, n)
+
+
+def share_of_heads(
+    qkv: Any,
+    keys: Any,
+    values: Any,
+    position: int,
+    scale: float,
+    out: Any,
+    team: Any,
+    phase: int,
+) -> None:  # pragma: no cover  fmt: skip
+    """Every head's :func:`attend_head`, the calling thread's share of the heads (the
+    first head of each key/value group writes that group's new key and value into
+    the cache; the others read them from qkv), then a wait for the others'."""
+    heads = out.shape[0] // keys.shape[2]
+    group = heads // keys.shape[0]  # query heads per key/value head
+    while True:
+        start, stop = take(team, phase, heads, 1)
+        if start == heads:
+            break
+        for head in range(start, stop):
+            if head % group == 0:
+                write_cache(qkv, keys, values, position, head // group)
+            attend_head(qkv, keys, values, position, head, scale, out)
+        done(team, phase, stop - start)
+    wait(team, phase, heads)
+
+
+def stack(
+    x: Any,
+    keys: Any,
+    values: Any,
+    position: int,
+    n1w: Any,
+    n1b: Any,
+    eps1: Any,
+    w_in: Any,
+    b_in: Any,
+    w_out: Any,
+    b_out: Any,
+    n2w: Any,
+    n2b: Any,
+    eps2: Any,
+    w_1: Any,
+    b_1: Any,
+    w_2: Any,
+    b_2: Any,
+    activation: Any,
+    scale: Any,
+    final_w: Any,
+    final_b: Any,
+    final_eps: float,
+    head_w: Any,
+    head_b: Any,
+    threads: int,
+    least_bytes: int,
+    out: Any,
+    logits: Any,
+) -> int:  # pragma: no cover  fmt: skip
+    """See :func:`stack_step`. x, out: (d,); the others: one entry per block
+    (activation, scale, eps1, eps2: (blocks,) arrays); then the head, if head_w has
+    rows: logits = W_head LN_f(y) + b_head, into logits (vocab,). ``threads`` shares
+    of the work, one per thread of numba's team. Returns how many stages ran, the
+    blocks and then the head (out: the last block's output): fewer than all where a
+    LayerNorm row must go to the definition (every thread computes the LayerNorm
+    itself, on the same numbers, and decides alike)."""
+    blocks, d = len(keys), x.shape[0]
+    # every intermediate has its own row, written once: no thread overwrites what a
+    # slower one may still be reading
+    xs = np.empty((blocks + 1, d), dtype=x.dtype)  # each block's input, then output
+    xs[0] = x
+    qkv = np.empty((blocks, w_in[0].shape[0]), dtype=x.dtype)  # (blocks, d + 2 d_kv)
+    attended = np.empty((blocks, d), dtype=x.dtype)  # the heads side by side
+    x1 = np.empty((blocks, d), dtype=x.dtype)  # after attention's residual
+    hidden = np.empty((blocks, w_1[0].shape[0]), dtype=x.dtype)  # (blocks, d_ff)
+    team = (np.zeros((5 * blocks + 1) * _LINE, dtype=np.int64), threads, least_bytes)
+    reached = np.empty(threads, dtype=np.int64)
+    none = np.empty(0, dtype=x.dtype)  # no bias, no residual
+    for thread in prange(threads):
+        h = np.empty((1, d), dtype=x.dtype)  # this thread's LayerNorm output
+        i = 0  # the block
+        while i < blocks:
+            phase = 5 * i  # its five: W_in, the heads, W_out, W_1, W_2
+            # x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
+            if _layer_norm(xs[i : i + 1], n1w[i], n1b[i], eps1[i], h) != 0:
+                break
+            share_of_product(h[0], w_in[i], b_in[i], -1, none, qkv[i], team, phase)
+            share_of_heads(qkv[i], keys[i], values[i], position, scale[i], attended[i],
+                           team, phase + 1)  # fmt: skip
+            share_of_product(attended[i], w_out[i], b_out[i], -1, xs[i], x1[i], team,
+                             phase + 2)  # fmt: skip
+            # y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
+            if _layer_norm(x1[i : i + 1], n2w[i], n2b[i], eps2[i], h) != 0:
+                break
+            share_of_product(h[0], w_1[i], b_1[i], activation[i], none, hidden[i], team,
+                             phase + 3)  # fmt: skip
+            share_of_product(hidden[i], w_2[i], b_2[i], -1, x1[i], xs[i + 1], team,
+                             phase + 4)  # fmt: skip
+            i += 1
+        if i == blocks and head_w.shape[0] > 0:  # logits = W_head LN_f(y) + b_head
+            if _layer_norm(xs[blocks : blocks + 1], final_w, final_b, final_eps, h) == 0:
+                share_of_product(h[0], head_w, head_b, -1, none, logits, team, 5 * blocks)
+                i += 1
+        reached[thread] = i
+    stages = reached.min()
+    out[:] = xs[min(stages, blocks)]
+    return stages
+
+
 def _build(numba: Any) -> dict[str, Any]:
-    """The few-rows product, and the decode step of one pre-norm block built on it."""
+    """Compile the kernels below (cached on disk): the helpers and the atomic operations
+    become this module's globals in place, as in :mod:`tinytx.backends.numba_kernels`
+    (numba's disk cache keys a function by its code and its closure, not its globals; a
+    closure over compiled functions would be compiled again in every process)."""
     parallel = numba.njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
     serial = numba.njit(fastmath=_FASTMATH, error_model="numpy", cache=True)
-    # numba_kernels' compiled LayerNorm and one-number helpers (exp, GELU), set up here
-    layer_norm = numba_kernels._kernel("layer_norm")
-    exp, gelu, gelu_tanh = numba_kernels._exp, numba_kernels._gelu_one, numba_kernels._gelu_tanh_one
-
-    @serial
-    def one_output(x: Any, w: Any, o: int, bias: Any) -> Any:  # pragma: no cover
-        """x . W[o] + b[o]: one output of a product. x: (d_in,); w: (d_out, d_in); bias:
-        (d_out,) or (0,) for none. Row o of W is read once, as one contiguous stream, the
-        sum in vector lanes."""
-        total = x.dtype.type(0.0)  # in x's dtype (a float64 0.0 would promote the sum)
-        for i in range(x.shape[0]):
-            total += x[i] * w[o, i]
-        return total + bias[o] if bias.shape[0] > 0 else total
-
-    @serial
-    def activated(a: Any, activation: int) -> Any:  # pragma: no cover
-        """act(a): activation an ACTIVATION_CODES value, or -1 for none."""
-        if activation == 0:
-            return max(a, np.float32(0.0))  # float32 stays float32, float64 float64
-        if activation == 1:
-            return gelu(a)
-        if activation == 2:
-            return gelu_tanh(a)
-        return a
-
-    @parallel
-    def product(
-        x: Any, w: Any, bias: Any, activation: int, residual: Any, out: Any
-    ) -> None:  # pragma: no cover  fmt: skip
-        """out = act(x W^T + b) + residual. x: (rows, d_in); w: (d_out, d_in); bias: (d_out,)
-        or (0,) for none; activation: an ACTIVATION_CODES value or -1; residual: (rows,
-        d_out) or (0, 0) for none; out: (rows, d_out). Output rows of W are shared
-        between threads; each row of W is read once for every row of x; the activation
-        comes right after its sum, beside the weights' reads."""
-        has_residual = residual.shape[0] > 0
-        for o in numba.prange(w.shape[0]):
-            for r in range(x.shape[0]):
-                a = activated(one_output(x[r], w, o, bias), activation)
-                out[r, o] = a + residual[r, o] if has_residual else a
-
-    @serial
-    def attend_head(
-        qkv: Any, keys: Any, values: Any, position: int, head: int, scale: float, out: Any
-    ) -> None:  # pragma: no cover  fmt: skip
-        """out[head's columns] = softmax(q K[:, :p+1]^T scale) V[:, :p+1] for one head, the
-        positions before p from the cache and p's own key and value from qkv.
-        qkv: (d + 2 d_kv,); keys, values: (heads_kv, max_len, d_head); out: (d,)."""
-        heads_kv, _, d_head = keys.shape
-        d = out.shape[0]
-        d_kv = heads_kv * d_head
-        g = head // (d // d_head // heads_kv)  # its key/value head
-        q = qkv[head * d_head : (head + 1) * d_head]  # (d_head,)
-        k_new = qkv[d + g * d_head : d + (g + 1) * d_head]  # (d_head,)
-        v_new = qkv[d + d_kv + g * d_head : d + d_kv + (g + 1) * d_head]  # (d_head,)
-        scores = np.empty(position + 1, dtype=out.dtype)  # (seq_k,)
-        top = out.dtype.type(-np.inf)  # float32 throughout: exp is float32's
-        for t in range(position + 1):
-            k = keys[g, t] if t < position else k_new  # (d_head,)
-            total = out.dtype.type(0.0)
-            for j in range(d_head):
-                total += q[j] * k[j]
-            scores[t] = total * scale
-            top = max(top, scores[t])
-        norm = out.dtype.type(0.0)
-        for t in range(position + 1):
-            shifted = scores[t] - top  # exp turns NaN into a number: NaN kept here
-            scores[t] = exp(shifted) if shifted == shifted else shifted
-            norm += scores[t]
-        mixed = np.zeros(d_head, dtype=out.dtype)  # sum_t p_t v_t, one cached row at a time
-        for t in range(position + 1):
-            v = values[g, t] if t < position else v_new  # (d_head,)
-            for j in range(d_head):
-                mixed[j] += scores[t] * v[j]
-        for j in range(d_head):
-            out[head * d_head + j] = mixed[j] / norm
-
-    @serial
-    def write_cache(qkv: Any, keys: Any, values: Any, position: int, g: int) -> None:
-        """Key/value head g of the new position (from qkv (d + 2 d_kv,)) into the cache."""
-        heads_kv, _, d_head = keys.shape
-        d = qkv.shape[0] - 2 * heads_kv * d_head
-        for j in range(d_head):
-            keys[g, position, j] = qkv[d + g * d_head + j]
-            values[g, position, j] = qkv[d + (heads_kv + g) * d_head + j]
-
-    @parallel
-    def attend(
-        qkv: Any, keys: Any, values: Any, position: int, scale: float, out: Any
-    ) -> None:  # pragma: no cover  fmt: skip
-        """Every head's :func:`attend_head`, heads between threads."""
-        for head in numba.prange(out.shape[0] // keys.shape[2]):
-            attend_head(qkv, keys, values, position, head, scale, out)
-
-    @serial
-    def step(  # pragma: no cover (compiled)
-        x: Any, keys: Any, values: Any, position: int, n1w: Any, n1b: Any, eps1: float,
-        w_in: Any, b_in: Any, w_out: Any, b_out: Any, n2w: Any, n2b: Any, eps2: float,
-        w_1: Any, b_1: Any, w_2: Any, b_2: Any, activation: int, scale: float, out: Any,
-    ) -> bool:  # fmt: skip
-        """See :func:`block_step`; x, out: (1, d). False (before any write to the cache,
-        or with the cache's position written again by the modules) where a LayerNorm row
-        must go to the definition."""
-        none = np.empty((0, 0), dtype=x.dtype)  # no residual
-        # attention: x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
-        h = np.empty_like(x)  # (1, d)
-        if layer_norm(x, n1w, n1b, eps1, h) != 0:
-            return False
-        qkv = np.empty((1, w_in.shape[0]), dtype=x.dtype)  # (1, d + 2 d_kv)
-        product(h, w_in, b_in, -1, none, qkv)
-        for g in range(keys.shape[0]):  # the new position's key and value, into the cache
-            write_cache(qkv[0], keys, values, position, g)
-        attended = np.empty_like(x)  # (1, d): the heads side by side
-        attend(qkv[0], keys, values, position, scale, attended[0])
-        x1 = np.empty_like(x)  # (1, d)
-        product(attended, w_out, b_out, -1, x, x1)
-        # feed-forward: y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
-        if layer_norm(x1, n2w, n2b, eps2, h) != 0:
-            return False
-        hidden = np.empty((1, w_1.shape[0]), dtype=x.dtype)  # (1, d_ff)
-        product(h, w_1, b_1, activation, none, hidden)
-        product(hidden, w_2, b_2, -1, x1, out)
-        return True
-
-    # The stack's threads share each phase (a product, or the heads) through a pair of
-    # counters on their own cache line: rows taken so far, rows done so far.
-    load, add, swap = _atomics(numba)
-    line = 8  # int64s per 64-byte cache line
-
-    @serial
-    def take(team: Any, phase: int, n: int, least: int) -> Any:  # pragma: no cover
-        """The calling thread's next rows [start, stop) of a phase's n: a share of what is
-        left (guided: big shares while much is left, then smaller, at least ``least``
-        rows), or (n, n) once every row is taken. team: (counters, threads, least bytes)."""
-        counters, threads = team[0], team[1]
-        while True:
-            start = load(counters, phase * line)
-            if start >= n:
-                return n, n
-            stop = min(n, start + max(least, (n - start) // (2 * threads)))
-            if swap(counters, phase * line, start, stop):
-                return start, stop
-
-    @serial
-    def done(team: Any, phase: int, rows: int) -> None:  # pragma: no cover
-        """Says that the calling thread has written ``rows`` more rows of the phase."""
-        add(team[0], phase * line + 1, rows)
-
-    @serial
-    def wait(team: Any, phase: int, n: int) -> None:  # pragma: no cover
-        """Until all n rows of the phase are done, by whichever threads took them. A
-        thread waits only for rows another thread has taken and is computing, so no
-        wait lasts forever, even where the threads run one after another."""
-        while load(team[0], phase * line + 1) < n:
-            pass
-
-    @serial
-    def share_of_product(
-        x: Any,
-        w: Any,
-        bias: Any,
-        activation: int,
-        residual: Any,
-        out: Any,
-        team: Any,
-        phase: int,
-    ) -> None:  # pragma: no cover  fmt: skip
-        """out = act(x W^T + b) + residual, 1-D (residual (0,) for none), the calling
-        thread's share: rows taken until none is left, then a wait for the others'."""
-        n = w.shape[0]
-        least = max(1, team[2] // (w.shape[1] * w.itemsize))  # rows of at least team[2] bytes
-        while True:
-            start, stop = take(team, phase, n, least)
-            if start == n:
-                break
-            for o in range(start, stop):
-                out[o] = one_output(x, w, o, bias)
-            if activation >= 0:  # a loop of its own, in vector lanes: the GELU's exps
-                for o in range(start, stop):
-                    out[o] = activated(out[o], activation)
-            if residual.shape[0] > 0:
-                for o in range(start, stop):
-                    out[o] += residual[o]
-            done(team, phase, stop - start)
-        wait(team, phase, n)
-
-    @serial
-    def share_of_heads(
-        qkv: Any,
-        keys: Any,
-        values: Any,
-        position: int,
-        scale: float,
-        out: Any,
-        team: Any,
-        phase: int,
-    ) -> None:  # pragma: no cover  fmt: skip
-        """Every head's :func:`attend_head`, the calling thread's share of the heads (the
-        first head of each key/value group writes that group's new key and value into
-        the cache; the others read them from qkv), then a wait for the others'."""
-        heads = out.shape[0] // keys.shape[2]
-        group = heads // keys.shape[0]  # query heads per key/value head
-        while True:
-            start, stop = take(team, phase, heads, 1)
-            if start == heads:
-                break
-            for head in range(start, stop):
-                if head % group == 0:
-                    write_cache(qkv, keys, values, position, head // group)
-                attend_head(qkv, keys, values, position, head, scale, out)
-            done(team, phase, stop - start)
-        wait(team, phase, heads)
-
-    @parallel
-    def stack(
-        x: Any,
-        keys: Any,
-        values: Any,
-        position: int,
-        n1w: Any,
-        n1b: Any,
-        eps1: Any,
-        w_in: Any,
-        b_in: Any,
-        w_out: Any,
-        b_out: Any,
-        n2w: Any,
-        n2b: Any,
-        eps2: Any,
-        w_1: Any,
-        b_1: Any,
-        w_2: Any,
-        b_2: Any,
-        activation: Any,
-        scale: Any,
-        final_w: Any,
-        final_b: Any,
-        final_eps: float,
-        head_w: Any,
-        head_b: Any,
-        threads: int,
-        least_bytes: int,
-        out: Any,
-        logits: Any,
-    ) -> int:  # pragma: no cover  fmt: skip
-        """See :func:`stack_step`. x, out: (d,); the others: one entry per block
-        (activation, scale, eps1, eps2: (blocks,) arrays); then the head, if head_w has
-        rows: logits = W_head LN_f(y) + b_head, into logits (vocab,). ``threads`` shares
-        of the work, one per thread of numba's team. Returns how many stages ran, the
-        blocks and then the head (out: the last block's output): fewer than all where a
-        LayerNorm row must go to the definition (every thread computes the LayerNorm
-        itself, on the same numbers, and decides alike)."""
-        blocks, d = len(keys), x.shape[0]
-        # every intermediate has its own row, written once: no thread overwrites what a
-        # slower one may still be reading
-        xs = np.empty((blocks + 1, d), dtype=x.dtype)  # each block's input, then output
-        xs[0] = x
-        qkv = np.empty((blocks, w_in[0].shape[0]), dtype=x.dtype)  # (blocks, d + 2 d_kv)
-        attended = np.empty((blocks, d), dtype=x.dtype)  # the heads side by side
-        x1 = np.empty((blocks, d), dtype=x.dtype)  # after attention's residual
-        hidden = np.empty((blocks, w_1[0].shape[0]), dtype=x.dtype)  # (blocks, d_ff)
-        team = (np.zeros((5 * blocks + 1) * line, dtype=np.int64), threads, least_bytes)
-        reached = np.empty(threads, dtype=np.int64)
-        none = np.empty(0, dtype=x.dtype)  # no bias, no residual
-        for thread in numba.prange(threads):
-            h = np.empty((1, d), dtype=x.dtype)  # this thread's LayerNorm output
-            i = 0  # the block
-            while i < blocks:
-                phase = 5 * i  # its five: W_in, the heads, W_out, W_1, W_2
-                # x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
-                if layer_norm(xs[i : i + 1], n1w[i], n1b[i], eps1[i], h) != 0:
-                    break
-                share_of_product(h[0], w_in[i], b_in[i], -1, none, qkv[i], team, phase)
-                share_of_heads(qkv[i], keys[i], values[i], position, scale[i], attended[i],
-                               team, phase + 1)  # fmt: skip
-                share_of_product(attended[i], w_out[i], b_out[i], -1, xs[i], x1[i], team,
-                                 phase + 2)  # fmt: skip
-                # y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
-                if layer_norm(x1[i : i + 1], n2w[i], n2b[i], eps2[i], h) != 0:
-                    break
-                share_of_product(h[0], w_1[i], b_1[i], activation[i], none, hidden[i], team,
-                                 phase + 3)  # fmt: skip
-                share_of_product(hidden[i], w_2[i], b_2[i], -1, x1[i], xs[i + 1], team,
-                                 phase + 4)  # fmt: skip
-                i += 1
-            if i == blocks and head_w.shape[0] > 0:  # logits = W_head LN_f(y) + b_head
-                if layer_norm(xs[blocks : blocks + 1], final_w, final_b, final_eps, h) == 0:
-                    share_of_product(h[0], head_w, head_b, -1, none, logits, team, 5 * blocks)
-                    i += 1
-            reached[thread] = i
-        stages = reached.min()
-        out[:] = xs[min(stages, blocks)]
-        return stages
-
-    return {"product": product, "step": step, "stack": stack}
+    names = globals()
+    # numba_kernels' compiled LayerNorm and one-number helpers (exp, GELU)
+    names["_layer_norm"] = numba_kernels._kernel("layer_norm")
+    names["_exp"], names["_gelu"] = numba_kernels._exp, numba_kernels._gelu_one
+    names["_gelu_tanh"] = numba_kernels._gelu_tanh_one
+    names["_load"], names["_add"], names["_swap"] = _atomics(numba)
+    names["prange"] = numba.prange
+    for name in (
+        "one_output",
+        "activated",
+        "attend_head",
+        "write_cache",
+        "step",
+        "take",
+        "done",
+        "wait",
+        "share_of_product",
+        "share_of_heads",
+    ):
+        names[name] = serial(names[name])
+    for name in ("product", "attend", "stack"):
+        names[name] = parallel(names[name])
+    return {"product": product, "step": step, "stack": stack}  # noqa: F821 (set above)
 
 
 def kernel_available() -> bool:
