@@ -1,5 +1,6 @@
 """Decoding's compiled kernels: a product for a few rows against a layer's weight (the
-matrix-vector step), and a whole pre-norm block's step for one token built on it.
+matrix-vector step), and one token's step through a whole stack of pre-norm blocks and
+the head, built on the same dot products.
 
     y[r, o] = sum_i x[r, i] W[o, i] + b[o]     x (rows, d_in), W (d_out, d_in), rows small
 
@@ -16,11 +17,11 @@ two threads (27 on one).
   into vector lanes (as BLAS does), so results differ from the definition's ``x @ W.T``
   by rounding only.
 - Without numba, or with ``TINYTX_NUMBA=0``, :func:`few_rows_matmul` and
-  :func:`block_step` return None and the caller uses BLAS, or the block's modules.
+  :func:`stack_step` return None and the caller uses BLAS, or the blocks' modules.
 
 :func:`tinytx.functional.linear` is the definition; tests/test_natives.py checks the
 linear native (which calls :func:`few_rows_matmul`) against it, tests/test_decode_step.py
-the block step against the block's modules.
+the stack step against the blocks' modules.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from tinytx.backends import numba_kernels
 __all__ = [
     "ACTIVATION_CODES",
     "MAX_ROWS",
-    "block_step",
     "few_rows_matmul",
     "kernel_available",
     "stack_step",
@@ -47,7 +47,7 @@ __all__ = [
 # blocked kernels, which reuse W from cache across many rows, are the better tool.
 MAX_ROWS = 8
 
-_kernels: dict[str, Any] = {}  # "product", "step": compiled by _compile on first use
+_kernels: dict[str, Any] = {}  # "product", "stack": compiled by _compile on first use
 _compile_lock = threading.Lock()  # one thread compiles; others wait for it
 
 # Sums reordered into vector lanes and fused multiply-adds ("reassoc", "contract": as BLAS
@@ -207,46 +207,8 @@ def write_cache(qkv: Any, keys: Any, values: Any, position: int, g: int) -> None
         values[g, position, j] = qkv[d + (heads_kv + g) * d_head + j]
 
 
-def attend(
-    qkv: Any, keys: Any, values: Any, position: int, scale: float, out: Any
-) -> None:  # pragma: no cover  fmt: skip
-    """Every head's :func:`attend_head`, heads between threads."""
-    for head in prange(out.shape[0] // keys.shape[2]):
-        attend_head(qkv, keys, values, position, head, scale, out)
-
-
-def step(  # pragma: no cover (compiled)
-    x: Any, keys: Any, values: Any, position: int, n1w: Any, n1b: Any, eps1: float,
-    w_in: Any, b_in: Any, w_out: Any, b_out: Any, n2w: Any, n2b: Any, eps2: float,
-    w_1: Any, b_1: Any, w_2: Any, b_2: Any, activation: int, scale: float, out: Any,
-) -> bool:  # fmt: skip
-    """See :func:`block_step`; x, out: (1, d). False (before any write to the cache,
-    or with the cache's position written again by the modules) where a LayerNorm row
-    must go to the definition."""
-    none = np.empty((0, 0), dtype=x.dtype)  # no residual
-    # attention: x1 = x + W_out attend(q, K, V) + b_out, with q, k, v = W_in LN1(x) + b_in
-    h = np.empty_like(x)  # (1, d)
-    if _layer_norm(x, n1w, n1b, eps1, h) != 0:
-        return False
-    qkv = np.empty((1, w_in.shape[0]), dtype=x.dtype)  # (1, d + 2 d_kv)
-    product(h, w_in, b_in, -1, none, qkv)
-    for g in range(keys.shape[0]):  # the new position's key and value, into the cache
-        write_cache(qkv[0], keys, values, position, g)
-    attended = np.empty_like(x)  # (1, d): the heads side by side
-    attend(qkv[0], keys, values, position, scale, attended[0])
-    x1 = np.empty_like(x)  # (1, d)
-    product(attended, w_out, b_out, -1, x, x1)
-    # feed-forward: y = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
-    if _layer_norm(x1, n2w, n2b, eps2, h) != 0:
-        return False
-    hidden = np.empty((1, w_1.shape[0]), dtype=x.dtype)  # (1, d_ff)
-    product(h, w_1, b_1, activation, none, hidden)
-    product(hidden, w_2, b_2, -1, x1, out)
-    return True
-
-
 # The stack's threads share each phase (a product, or the heads) through a pair of
-# counters on their own cache _LINE: rows taken so far, rows done so far.
+# counters on their own cache line: rows taken so far, rows done so far.
 
 
 def take(team: Any, phase: int, n: int, least: int) -> Any:  # pragma: no cover
@@ -433,7 +395,6 @@ def _build(numba: Any) -> dict[str, Any]:
         "activated",
         "attend_head",
         "write_cache",
-        "step",
         "take",
         "done",
         "wait",
@@ -441,9 +402,9 @@ def _build(numba: Any) -> dict[str, Any]:
         "share_of_heads",
     ):
         names[name] = serial(names[name])
-    for name in ("product", "attend", "stack"):
+    for name in ("product", "stack"):
         names[name] = parallel(names[name])
-    return {"product": product, "step": step, "stack": stack}  # noqa: F821 (set above)
+    return {"product": product, "stack": stack}
 
 
 def kernel_available() -> bool:
@@ -492,59 +453,7 @@ def few_rows_matmul(
     return out
 
 
-def block_step(
-    x: np.ndarray,
-    keys: np.ndarray,
-    values: np.ndarray,
-    position: int,
-    norm1: tuple[np.ndarray, np.ndarray, float],
-    in_proj: tuple[np.ndarray, np.ndarray],
-    out_proj: tuple[np.ndarray, np.ndarray],
-    norm2: tuple[np.ndarray, np.ndarray, float],
-    linear1: tuple[np.ndarray, np.ndarray],
-    linear2: tuple[np.ndarray, np.ndarray],
-    activation: str,
-    scale: float,
-    threads: int,
-) -> np.ndarray | None:
-    """One new token through a pre-norm decoder block, compiled as one function:
-
-        h = LN1(x);  q, k, v = W_in h + b_in;  K[:, p], V[:, p] = k, v   (into the cache)
-        x1 = x + W_out softmax(q K[:, :p+1]^T * scale) V[:, :p+1] + b_out   (per head)
-        y  = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2
-
-    what :class:`tinytx.layers.DecoderBlock` computes for one token with a KV cache, in
-    its order, within rounding (sums in vector lanes, fused multiply-adds, and exp as
-    :mod:`tinytx.backends.numba_kernels` computes it, within 1.5 ulp).
-    The products are the few-rows kernel's loops (output rows shared between numba's
-    threads); between them there is no Python at all, where the block's modules make
-    some 100 calls per token (see the README's "Why decoding is bandwidth-bound").
-
-    x: (d,); keys, values: (heads_kv, max_len, d_head) cache buffers, written at
-    ``position``; norm1, norm2: (weight (d,), bias (d,), eps); in_proj: (W (d + 2 d_kv, d),
-    b); out_proj: (W (d, d), b); linear1: (W (d_ff, d), b); linear2: (W (d, d_ff), b);
-    activation: "relu", "gelu" or "gelu_tanh" -> (d,); None where it does not apply
-    (numba missing or off, not all float32, a weight not C-contiguous, a full cache).
-    """
-    arrays = [x, keys, values, *norm1[:2], *in_proj, *out_proj, *norm2[:2], *linear1, *linear2]
-    if activation not in ACTIVATION_CODES or not numba_kernels.enabled():
-        return None
-    if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays):
-        return None
-    if not keys.flags.writeable or not values.flags.writeable or position >= keys.shape[1]:
-        return None
-    step = _compile()["step"]
-    _set_threads(threads)
-    out = np.empty((1, x.shape[0]), dtype=x.dtype)  # (1, d)
-    done = step(
-        x.reshape(1, -1), keys, values, position, *norm1[:2], float(norm1[2]), *in_proj,
-        *out_proj, *norm2[:2], float(norm2[2]), *linear1, *linear2,
-        ACTIVATION_CODES[activation], float(scale), out,
-    )  # fmt: skip
-    return out[0] if done else None
-
-
-# Each take of a product's rows (see _build's stack) reads at least this many bytes of
+# Each take of a product's rows (see stack) reads at least this many bytes of
 # weights: some microseconds of reading on any core, against the 0.1-0.3 microseconds
 # an atomic operation on a shared cache line takes.
 _LEAST_BYTES_PER_TAKE = 1 << 16
@@ -561,8 +470,17 @@ def stack_step(
 ) -> tuple[np.ndarray, int] | None:
     """One new token through a stack of pre-norm decoder blocks, and then through the
     model's head if ``head`` is given, all in one compiled call with one team of threads:
-    what :func:`block_step` does for each block in turn, without returning to Python
-    between the blocks, and without ending the threads' work after every product. The
+
+        h = LN1(x);  q, k, v = W_in h + b_in;  K[:, p], V[:, p] = k, v   (into the cache)
+        x1 = x + W_out softmax(q K[:, :p+1]^T * scale) V[:, :p+1] + b_out   (per head)
+        y  = x1 + W_2 act(W_1 LN2(x1) + b_1) + b_2     (each block in turn)
+        logits = W_head LN_f(y) + b_head
+
+    what :class:`tinytx.layers.DecoderBlock` computes for one token with a KV cache, in
+    its order, within rounding (sums in vector lanes, fused multiply-adds, and exp as
+    :mod:`tinytx.backends.numba_kernels` computes it, within 1.5 ulp), without
+    returning to Python between the blocks, and without ending the threads' work after
+    every product (a block's modules make some 100 Python calls per token). The
     threads take a product's output rows as they come (guided: big shares first, smaller
     ones as the rows run out) and each waits only for rows another thread has taken, so
     a product's slowest thread does not hold up the next product's whole team (see the
@@ -570,7 +488,9 @@ def stack_step(
 
     x: (d,); keys[i], values[i]: block i's (heads_kv, max_len, d_head) cache buffers,
     written at ``position``; blocks[i]: block i's (norm1, in_proj, out_proj, norm2,
-    linear1, linear2, activation, scale) as :func:`block_step` takes them; head: the
+    linear1, linear2, activation, scale): norms as (weight (d,), bias (d,), eps), products
+    as (W, b) with W (d + 2 d_kv, d), (d, d), (d_ff, d), (d, d_ff), activation "relu",
+    "gelu" or "gelu_tanh", scale the attention's; head: the
     final LayerNorm's weight (d,), bias (d,) and eps, and the output layer's weight
     (vocab, d) and bias (vocab,) or None -> (y, n): n stages ran, the blocks and then the
     head. y is the logits (vocab,) where the head ran; else the output of the first n

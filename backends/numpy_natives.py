@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tinytx.backends.matvec_kernels import block_step, few_rows_matmul, stack_step
+from tinytx.backends.matvec_kernels import few_rows_matmul, stack_step
 from tinytx.backends.numba_kernels import softmax_numerator
 
 __all__ = [
@@ -1152,22 +1152,6 @@ def _split_outputs_on_pool(
     return y
 
 
-def decoder_block_step(x: np.ndarray, keys: np.ndarray, values: np.ndarray, position: int,
-                       *weights: Any) -> Any:  # fmt: skip
-    """One new token through a pre-norm decoder block (see
-    :meth:`tinytx.layers.DecoderBlock.forward` with a cache), compiled as one function:
-    :func:`tinytx.backends.matvec_kernels.block_step`, on tinytx's thread count.
-    x: (d,); keys, values: (heads_kv, max_len, d_head), written at ``position``; then
-    the block's norms, products, activation and scale -> (d,), or NotImplemented (the
-    block's modules run) where the kernel does not apply, and inside
-    :func:`tinytx.quantize.int8_weights` (whose products read the int8 copies).
-    """
-    if _int8_table.get() is not None:  # inside int8_weights: the products read int8 copies
-        return NotImplemented
-    y = block_step(x, keys, values, position, *weights, threads=get_num_threads())
-    return NotImplemented if y is None else y
-
-
 def decoder_stack_step(x: np.ndarray, keys: list[np.ndarray], values: list[np.ndarray],
                        position: int, blocks: list[tuple[Any, ...]],
                        head: tuple[Any, ...] | None = None) -> Any:  # fmt: skip
@@ -1353,7 +1337,6 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "adamw_update": adamw_update,
     "embedding_backward": embedding_backward,
     "sum_over_batch_parts": sum_over_batch_parts,
-    "decoder_block_step": decoder_block_step,
     "decoder_stack_step": decoder_stack_step,
     "matmul": matmul,
     "alibi_attention": alibi_attention,

@@ -301,21 +301,14 @@ class DecoderBlock(Module):
     def _one_token_at_once(self, x: Array, cache: LayerKVCache) -> Array | None:
         """The forward below for one new token (x: (1, 1, d_model)) of a pre-norm block
         with LayerNorms, biases, softmax attention and no rotary, computed by the backend's
-        ``decoder_block_step`` native in one call (numpy with numba: one compiled function),
-        or None (the modules below run): the same arithmetic without some 100 Python calls
-        per token, which matter when decoding reads every weight once per token.
+        ``decoder_stack_step`` native as a stack of one block (numpy with numba: one
+        compiled function), or None (the modules below run): the same arithmetic without
+        some 100 Python calls per token, which matter when decoding reads every weight
+        once per token. (A model runs all its blocks in one call: see
+        :func:`one_token_through_blocks`.)
         """
-        native = self.backend.natives.get("decoder_block_step")
-        weights = None if native is None else self._step_weights(x, cache)
-        if weights is None:
-            return None
-        y = native(
-            x[0, 0, :], cache.key_buffer[0, ...], cache.value_buffer[0, ...], cache.length, *weights
-        )  # fmt: skip  (d_model,)
-        if y is NotImplemented:
-            return None
-        cache.length += 1  # the kernel wrote this position's keys and values
-        return y[None, None, :]  # (1, 1, d_model)
+        y, blocks_run = one_token_through_blocks([self], x, [cache])
+        return y if blocks_run == 1 else None  # (1, 1, d_model)
 
     def _step_weights(self, x: Array, cache: LayerKVCache) -> tuple[Any, ...] | None:
         """What a decode-step native needs besides x and the cache: (norm1, in_proj,
