@@ -84,3 +84,46 @@ def test_tinytx_numba_0_turns_the_kernel_off(monkeypatch) -> None:
     assert not matvec_kernels.kernel_available()
     assert matvec_kernels.few_rows_matmul(x, weight, None, 2) is None
     np.testing.assert_array_equal(F.linear(x, weight), np.full((1, 3), 4.0, dtype=np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(0, 5000),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_lane_sum_is_the_sum_within_rounding(n, dtype, seed) -> None:
+    """The bandwidth probe's sum: any order of n adds is within (n - 1) eps sum|a| of the
+    exact sum (float64 here, exact enough for n <= 5000 float32 terms)."""
+    a = np.random.default_rng(seed).standard_normal(n).astype(dtype)
+    exact = float(np.sum(a.astype(np.float64)))
+    eps = float(np.finfo(dtype).eps)
+    bound = max(n - 1, 0) * eps * float(np.sum(np.abs(a.astype(np.float64))))
+    if dtype == np.float64:
+        bound *= 2  # the float64 reference itself rounds at the same scale
+    assert abs(matvec_kernels.lane_sum(a) - exact) <= bound
+
+
+@pytest.mark.parametrize(
+    "a", [np.ones((2, 3), dtype=np.float32), np.ones(8, dtype=np.int64), np.ones(8)[::2]]
+)
+def test_lane_sum_refuses_what_it_cannot_read_as_one_stream(a) -> None:
+    with pytest.raises(ValueError, match="1-D contiguous float32/float64"):
+        matvec_kernels.lane_sum(a)
+
+
+def test_the_bandwidth_probe_reads_with_the_compiled_sum(monkeypatch) -> None:
+    """bench generate's ceiling comes from the compiled sum where numba runs, and from
+    NumPy's sum (said so in the printed words) where it does not."""
+    from tinytx.bench import generate
+
+    summed = []
+    real = matvec_kernels.lane_sum
+    monkeypatch.setattr(matvec_kernels, "lane_sum", lambda a: summed.append(a.size) or real(a))
+    assert generate.read_bandwidth(n_bytes=1 << 16, repeats=2, threads=2) > 0
+    assert sum(summed) == 16 + 2 * (1 << 14)  # the warm-up slice, then both halves twice
+    assert generate.read_method() == "a compiled sum in vector lanes"
+    monkeypatch.setenv("TINYTX_NUMBA", "0")
+    summed.clear()
+    assert generate.read_bandwidth(n_bytes=1 << 16, repeats=2, threads=2) > 0
+    assert summed == [] and "NumPy's sum" in generate.read_method()

@@ -156,3 +156,29 @@ def test_bench_generate_passes_int8_through(monkeypatch) -> None:
     result = CliRunner().invoke(cli, ["bench", "generate", "--context", "64", "--int8"])
     assert result.exit_code == 0, result.output
     assert asked["int8"] is True and asked["contexts"] == (64,)
+
+
+def test_bench_generate_prints_each_run_against_its_own_ceiling() -> None:
+    """The printed report: how the bandwidth was read, each run's fraction of the
+    bandwidth around it, the range seen, and the target judged on the runs' median."""
+    from tinytx.bench.common import machine_info
+    from tinytx.bench.generate import _targets, format_results
+
+    row = {
+        "context": 64, "prompt": 32, "cached_tok_s": 50.0, "cached_ms_per_token": 16.0,
+        "decode_tok_s": 62.5, "uncached_ms_per_token": 100.0, "cache_speedup": 6.25,
+        "run_bandwidth_gb_s": [33.0, 48.0, 34.0], "run_vs_ceiling": [0.9, 0.6, 0.87],
+        "decode_vs_ceiling": 0.87, "decode_vs_best_ceiling": 0.6,
+    }  # fmt: skip
+    result = {
+        "backend": "numpy", "threads": {"requested": 2}, "repeats": 3, "pause_s": 0.5,
+        "new_tokens": 32, "transformers": None, "machine": machine_info(),
+        "read_bandwidth_gb_s": 33.0, "read_method": "a compiled sum in vector lanes",
+        "weight_bytes_per_token": 495_000_000, "ceiling_tok_s": 66.7, "results": [row],
+        "targets": _targets([row]),
+    }  # fmt: skip
+    text = format_results(result)
+    assert "array, a compiled sum in vector lanes)" in text
+    assert "each run: 0.90 of 33.0 GB/s, 0.60 of 48.0 GB/s, 0.87 of 34.0 GB/s" in text
+    assert "around the runs 33.0-48.0 GB/s, against the best seen 0.600" in text
+    assert "decode tok/s at 64 >= 0.85 x the bandwidth ceiling: 0.87 (met)" in text
