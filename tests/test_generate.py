@@ -375,3 +375,24 @@ def test_backend_mismatch_is_reported(backend):
     model = small_model(backend)
     with pytest.raises(tinytx.layers.BackendMismatchError):
         model(np.zeros((1, 2), dtype=np.int64))
+
+
+@pytest.mark.parametrize(
+    ("row", "allowed"),
+    [
+        ([0.5, -3.0, 1e30], True),  # every logit finite: the one-pass check
+        ([0.5, -np.inf, 2.0], True),  # a banned token (-inf) beside finite ones
+        ([0.5, np.nan, 2.0], False),
+        ([0.5, np.inf, 2.0], False),
+        ([-np.inf, -np.inf, -np.inf], False),  # no token can be chosen
+    ],
+)
+def test_logits_are_checked_before_a_token_is_chosen(row, allowed) -> None:
+    from tinytx.generate import NonFiniteLogitsError, _check_logits
+
+    logits = np.array([[1.0, 2.0, 3.0], row], dtype=np.float32)  # (batch, vocab)
+    if allowed:
+        _check_logits(None, logits, step=1, position=5)
+    else:
+        with pytest.raises(NonFiniteLogitsError, match="step 1 \\(position 5\\)"):
+            _check_logits(None, logits, step=1, position=5)

@@ -209,6 +209,8 @@ def _check_logits(model: Any, logits: np.ndarray, step: int, position: int) -> N
 
     A token is never chosen from NaN: argmax and sampling would return an arbitrary id and
     the text would look normal. -inf alone is allowed (banned tokens)."""
+    if np.isfinite(logits).all():  # the usual case, in one pass over the logits
+        return
     nan, pos_inf = np.isnan(logits), np.isposinf(logits)
     no_choice = ~np.any(np.isfinite(logits), axis=-1)  # (batch,)
     if not (nan.any() or pos_inf.any() or no_choice.any()):
