@@ -259,6 +259,7 @@ def run(
             time.sleep(pause)
             before = bandwidth_now(2)
             total, decode, tokens = _tinytx_cached(ours, prompt, N_NEW)
+            time.sleep(pause)  # numba's OpenMP threads spin a while after their work
             bandwidths.append(max(before, bandwidth_now(2)))  # the better of both sides
             totals.append(total)
             decodes.append(decode)
