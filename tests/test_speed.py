@@ -168,6 +168,7 @@ def test_bench_generate_prints_each_run_against_its_own_ceiling() -> None:
         "context": 64, "prompt": 32, "cached_tok_s": 50.0, "cached_ms_per_token": 16.0,
         "decode_tok_s": 62.5, "uncached_ms_per_token": 100.0, "cache_speedup": 6.25,
         "run_bandwidth_gb_s": [33.0, 48.0, 34.0], "run_vs_ceiling": [0.9, 0.6, 0.87],
+        "run_ms_per_token": [16.7, 17.2, 16.7],
         "decode_vs_ceiling": 0.87, "decode_vs_best_ceiling": 0.6,
     }  # fmt: skip
     result = {
@@ -179,6 +180,6 @@ def test_bench_generate_prints_each_run_against_its_own_ceiling() -> None:
     }  # fmt: skip
     text = format_results(result)
     assert "array, a compiled sum in vector lanes)" in text
-    assert "each run: 0.90 of 33.0 GB/s, 0.60 of 48.0 GB/s, 0.87 of 34.0 GB/s" in text
+    assert "each run: 0.90 of 33.0 GB/s (16.7 ms), 0.60 of 48.0 GB/s (17.2 ms), 0.87" in text
     assert "around the runs 33.0-48.0 GB/s, against the best seen 0.600" in text
     assert "decode tok/s at 64 >= 0.85 x the bandwidth ceiling: 0.87 (met)" in text

@@ -288,6 +288,7 @@ def run(
         row["decode_tok_s"] = 1e3 / row["cached_ms_per_token"]
         row["run_bandwidth_gb_s"] = [b / 1e9 for b in bandwidths]
         row["run_vs_ceiling"] = fractions  # each run against the bandwidth around it
+        row["run_ms_per_token"] = [d * 1e3 for d in decodes]
         row["decode_vs_ceiling"] = statistics.median(fractions)
         # a lower bound: every run against the best bandwidth seen anywhere so far (a probe
         # that caught a slow moment can set a run above its own ceiling, as measured here)
@@ -410,21 +411,24 @@ def _short(value: Any) -> str:
 
 
 def _per_run_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per context: each run's bandwidth and its fraction of that ceiling, the
-    range of bandwidths seen, and the median against the best of them (a bound that
-    sets a run made while the memory was slow against its fastest moment)."""
-    return [
-        f"context {row['context']}: each run: "
-        + ", ".join(
-            f"{fraction:.2f} of {gb_s:.1f} GB/s"
-            for fraction, gb_s in zip(row["run_vs_ceiling"], row["run_bandwidth_gb_s"], strict=True)
+    """One line per context: each run's fraction of the bandwidth around it (and its
+    decode time per token, to tell a moving ceiling from a moving decode), the range of
+    bandwidths seen, and the median against the best of them (a bound that sets a run
+    made while the memory was slow against its fastest moment)."""
+    lines = []
+    for row in rows:
+        if "run_vs_ceiling" not in row:
+            continue
+        runs = zip(row["run_vs_ceiling"], row["run_bandwidth_gb_s"], row["run_ms_per_token"],
+                   strict=True)  # fmt: skip
+        lines.append(
+            f"context {row['context']}: each run: "
+            + ", ".join(f"{f:.2f} of {gb_s:.1f} GB/s ({ms:.1f} ms)" for f, gb_s, ms in runs)
+            + f"; bandwidth around the runs {min(row['run_bandwidth_gb_s']):.1f}-"
+            f"{max(row['run_bandwidth_gb_s']):.1f} GB/s, against the best seen "
+            f"{row['decode_vs_best_ceiling']:.3f}"
         )
-        + f"; bandwidth around the runs {min(row['run_bandwidth_gb_s']):.1f}-"
-        f"{max(row['run_bandwidth_gb_s']):.1f} GB/s, against the best seen "
-        f"{row['decode_vs_best_ceiling']:.3f}"
-        for row in rows
-        if "run_vs_ceiling" in row
-    ]
+    return lines
 
 
 def _parser() -> argparse.ArgumentParser:
