@@ -48,9 +48,7 @@ __all__ = [
 # blocked kernels, which reuse W from cache across many rows, are the better tool.
 MAX_ROWS = 8
 
-_kernels: dict[
-    str, Any
-] = {}  # "product", "stack", "sum_in_lanes": compiled by _compile on first use
+_kernels: dict[str, Any] = {}  # by name: compiled by _compile on first use
 _compile_lock = threading.Lock()  # one thread compiles; others wait for it
 
 # Sums reordered into vector lanes and fused multiply-adds ("reassoc", "contract": as BLAS

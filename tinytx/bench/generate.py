@@ -102,7 +102,7 @@ def read_method() -> str:
 
     if matvec_kernels.kernel_available():
         return "a compiled sum in vector lanes"
-    return "NumPy's sum (numba not installed: it can understate the bandwidth)"
+    return "NumPy's sum (numba missing or off: it can understate the bandwidth)"
 
 
 def weight_bytes_per_token(model: Any) -> int:
