@@ -55,7 +55,7 @@ _compile_lock = threading.Lock()  # one thread compiles; others wait for it
 # does), but IEEE NaN and inf (no "nnan"/"ninf" assumptions) and NumPy's division (x / 0
 # is inf, not an error): a NaN weight gives NaN logits, which generation reports.
 _FASTMATH = {"contract", "reassoc"}
-ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}  # product's activations; -1: none
+ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}  # the stack's activations; -1: none
 
 
 def _compile() -> dict[str, Any]:
@@ -158,19 +158,13 @@ def activated(a: Any, activation: int) -> Any:  # pragma: no cover
     return a
 
 
-def product(
-    x: Any, w: Any, bias: Any, activation: int, residual: Any, out: Any
-) -> None:  # pragma: no cover  fmt: skip
-    """out = act(x W^T + b) + residual. x: (rows, d_in); w: (d_out, d_in); bias: (d_out,)
-    or (0,) for none; activation: an ACTIVATION_CODES value or -1; residual: (rows,
-    d_out) or (0, 0) for none; out: (rows, d_out). Output rows of W are shared
-    between threads; each row of W is read once for every row of x; the activation
-    comes right after its sum, beside the weights' reads."""
-    has_residual = residual.shape[0] > 0
+def product(x: Any, w: Any, bias: Any, out: Any) -> None:  # pragma: no cover
+    """out = x W^T + b. x: (rows, d_in); w: (d_out, d_in); bias: (d_out,) or (0,) for
+    none; out: (rows, d_out). Output rows of W are shared between threads; each row of
+    W is read once, for every row of x while it is in cache."""
     for o in prange(w.shape[0]):
         for r in range(x.shape[0]):
-            a = activated(one_output(x[r], w, o, bias), activation)
-            out[r, o] = a + residual[r, o] if has_residual else a
+            out[r, o] = one_output(x[r], w, o, bias)
 
 
 def attend_head(
@@ -478,9 +472,8 @@ def few_rows_matmul(
     product = _compile()["product"]
     _set_threads(threads)
     out = np.empty((rows, weight.shape[0]), dtype=x.dtype)  # (rows, d_out)
-    no_bias, no_residual = np.empty(0, dtype=x.dtype), np.empty((0, 0), dtype=x.dtype)
-    bias = no_bias if bias is None else bias
-    product(np.ascontiguousarray(x), weight, bias, -1, no_residual, out)
+    bias = np.empty(0, dtype=x.dtype) if bias is None else bias  # (0,): no bias
+    product(np.ascontiguousarray(x), weight, bias, out)
     return out
 
 
