@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tinytx.backends.matvec_kernels import few_rows_matmul, stack_step
+from tinytx.backends.matvec_kernels import few_rows_matmul, prepare_stack_step
 from tinytx.backends.numba_kernels import softmax_numerator
 
 __all__ = [
@@ -1152,23 +1152,37 @@ def _split_outputs_on_pool(
     return y
 
 
-def decoder_stack_step(x: np.ndarray, keys: list[np.ndarray], values: list[np.ndarray],
-                       position: int, blocks: list[tuple[Any, ...]],
-                       head: tuple[Any, ...] | None = None) -> Any:  # fmt: skip
-    """One new token through a stack of pre-norm decoder blocks, and the head if given
-    (see :func:`tinytx.layers.blocks.one_token_through_blocks`), compiled as one function
-    with one team of threads: :func:`tinytx.backends.matvec_kernels.stack_step`, on
-    tinytx's thread count. x: (d,); keys[i], values[i]: block i's (heads_kv, max_len,
-    d_head), written at ``position``; blocks[i]: block i's norms, products, activation
-    and scale; head: the final norm's weight, bias, eps and the output layer's weight,
-    bias -> (y, n): n stages ran (the blocks, then the head; y: the logits (vocab,) if
-    the head ran, else the last block's output (d,)); or NotImplemented where the kernel
-    does not apply, and inside :func:`tinytx.quantize.int8_weights`.
+def decoder_stack(
+    keys: list[np.ndarray],
+    values: list[np.ndarray],
+    blocks: list[tuple[Any, ...]],
+    head: tuple[Any, ...] | None = None,
+) -> Any:
+    """New tokens, one at a time, through a stack of pre-norm decoder blocks, and the head
+    if given (see :func:`tinytx.layers.blocks.prepare_one_token_steps`), each compiled as
+    one function with one team of threads: :func:`tinytx.backends.matvec_kernels.
+    prepare_stack_step`, the caches and weights checked and gathered once, here.
+    keys[i], values[i]: block i's (heads_kv, max_len, d_head) buffers; blocks[i]: block
+    i's norms, products, activation and scale; head: the final norm's weight, bias, eps
+    and the output layer's weight, bias -> ``step(x, position)``: x (d,), written into the
+    caches at ``position`` -> (y, n): n stages ran (the blocks, then the head; y: the
+    logits (vocab,) if the head ran, else the last block's output (d,)), on tinytx's
+    thread count. NotImplemented where the kernel does not apply, from ``step`` too
+    (a full cache), and inside :func:`tinytx.quantize.int8_weights`.
     """
     if _int8_table.get() is not None:  # inside int8_weights: the products read int8 copies
         return NotImplemented
-    result = stack_step(x, keys, values, position, blocks, get_num_threads(), head)
-    return NotImplemented if result is None else result
+    prepared = prepare_stack_step(keys, values, blocks, head)
+    if prepared is None:
+        return NotImplemented
+
+    def step(x: np.ndarray, position: int) -> Any:
+        if _int8_table.get() is not None:  # int8_weights entered since
+            return NotImplemented
+        result = prepared(x, position, get_num_threads())
+        return NotImplemented if result is None else result
+
+    return step
 
 
 # The rules for a matrix product (see matmul). Waking a thread, BLAS's or the pool's,
@@ -1337,7 +1351,7 @@ NATIVES: dict[str, Callable[..., Any]] = {
     "adamw_update": adamw_update,
     "embedding_backward": embedding_backward,
     "sum_over_batch_parts": sum_over_batch_parts,
-    "decoder_stack_step": decoder_stack_step,
+    "decoder_stack": decoder_stack,
     "matmul": matmul,
     "alibi_attention": alibi_attention,
     "sigmoid_attention": sigmoid_attention,

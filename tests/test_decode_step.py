@@ -1,4 +1,4 @@
-"""The fused decode step (the numpy backend's ``decoder_stack_step``,
+"""The fused decode step (the numpy backend's ``decoder_stack``,
 backends/matvec_kernels.py's ``stack_step``: every block and the head in one compiled
 call, its threads sharing each product's rows) against the blocks' modules, reached
 both ways: a model's whole stack at once, and a block on its own (a stack of one).
@@ -39,18 +39,27 @@ def kind(request) -> str:
 
 @contextlib.contextmanager
 def spying() -> Iterator[list[bool]]:
-    """Inside: whether each call of the kernel's wrapper ran every stage it was given
-    (True: its blocks, and the head if any) or declined (False), in order."""
+    """Inside: whether each token given to the kernel's wrapper ran every stage it was
+    given (True: its blocks, and the head if any) or was declined (False), in order; a
+    preparation that declines counts as one False."""
     seen: list[bool] = []
-    original = matvec_kernels.stack_step
+    original = matvec_kernels.prepare_stack_step
 
-    def spy(x, keys, values, position, blocks, threads, head=None):
-        out = original(x, keys, values, position, blocks, threads, head)
-        seen.append(out is not None and out[1] == len(blocks) + (head is not None))
-        return out
+    def spy(keys, values, blocks, head=None):
+        step = original(keys, values, blocks, head)
+        if step is None:
+            seen.append(False)
+            return None
+
+        def spied(x, position, threads):
+            out = step(x, position, threads)
+            seen.append(out is not None and out[1] == len(blocks) + (head is not None))
+            return out
+
+        return spied
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("tinytx.backends.numpy_natives.stack_step", spy)
+        patch.setattr("tinytx.backends.numpy_natives.prepare_stack_step", spy)
         yield seen
 
 
@@ -66,7 +75,7 @@ def only(backend, kind: str | None) -> Iterator[None]:
     modules run)."""
     with pytest.MonkeyPatch.context() as patch:
         if kind is None:
-            patch.delitem(backend.natives, "decoder_stack_step")
+            patch.delitem(backend.natives, "decoder_stack")
         elif kind == "block":  # the model does not run its stack at once: block by block
             patch.setattr("tinytx.models.gpt.one_token_through_blocks",
                           lambda blocks, x, caches, head=None: (x, 0))  # fmt: skip
@@ -174,7 +183,7 @@ def test_numba_off_runs_the_modules(numpy_backend, kind, calls, monkeypatch) -> 
         model(numpy_backend.asarray(np.array([[1, 2]])), cache=cache)
         model(numpy_backend.asarray(np.array([[3]])), cache=cache)
     assert calls and not any(calls) and cache.length == 3  # asked, and declined
-    assert "decoder_stack_step" in tinytx.get_backend("numpy").natives
+    assert "decoder_stack" in tinytx.get_backend("numpy").natives
 
 
 def test_a_nan_weight_gives_nan_as_the_modules_do(numpy_backend, kind, calls) -> None:
@@ -236,7 +245,7 @@ def _blocks_and_caches(model: GPT, position: int, rng: np.random.Generator) -> t
     for block, layer in zip(model.layers, cache.layers, strict=True):
         layer.key_buffer[...] = rng.standard_normal(layer.key_buffer.shape, dtype=np.float32)
         layer.value_buffer[...] = rng.standard_normal(layer.value_buffer.shape, dtype=np.float32)
-        weights.append(block._step_weights(x, layer))
+        weights.append(block._step_weights(layer))
         keys.append(layer.key_buffer[0])
         values.append(layer.value_buffer[0])
     return np.asarray(x[0, 0]), weights, keys, values
@@ -306,15 +315,20 @@ def test_a_stack_that_stops_midway_hands_over_to_the_modules(numpy_backend) -> N
     bias[0::2], bias[1::2] = 1e30, -1e30  # variance 1e60
     ids = np.random.default_rng(3).integers(0, 11, (1, 5))
     seen: list[int] = []
-    original = matvec_kernels.stack_step
+    original = matvec_kernels.prepare_stack_step
 
     def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(None if out is None else out[1])
-        return out
+        step = original(*args, **kwargs)
+
+        def spied(*step_args):
+            out = step(*step_args)
+            seen.append(None if out is None else out[1])
+            return out
+
+        return spied
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("tinytx.backends.numpy_natives.stack_step", spy)
+        patch.setattr("tinytx.backends.numpy_natives.prepare_stack_step", spy)
         fused, fused_kv = generate(model, ids, 2, fused="stack")
     # per token: block 0 by the stack; blocks 1 and 2 alone decline too (their LayerNorms
     # overflow), so their modules run
@@ -326,3 +340,102 @@ def test_a_stack_that_stops_midway_hands_over_to_the_modules(numpy_backend) -> N
     assert np.max(np.abs(fused - exact)) <= 4 * own_error + 8 * EPS32 * np.max(np.abs(exact))
     for ours, theirs in zip(fused_kv, modules_kv, strict=True):
         assert ours[0].shape == theirs[0].shape  # every layer holds all five positions
+
+
+def _small_model(backend, seed: int = 0) -> GPT:
+    config = GPTConfig(vocab_size=11, context_length=12, d_model=16, n_heads=2, n_layers=2)
+    return GPT(config, seed=seed).to(backend)
+
+
+def test_generation_prepares_the_step_once_with_the_models_numbers(numpy_backend) -> None:
+    """The generation loop gathers the fused step's arguments once (GPT.one_token_steps),
+    not at every token, and its tokens and logits are the model's own, bit for bit: the
+    same kernel on the same numbers."""
+    from tinytx.backends import numpy_natives
+    from tinytx.generate import stream
+
+    model = _small_model(numpy_backend)
+    runs = []
+    for gather_once in (True, False):
+        prepared = []
+        with spying() as calls, pytest.MonkeyPatch.context() as patch:
+            spy = numpy_natives.prepare_stack_step
+
+            def counting(*args, spy=spy, prepared=prepared, **kwargs):
+                prepared.append(1)
+                return spy(*args, **kwargs)
+
+            patch.setattr(numpy_natives, "prepare_stack_step", counting)
+            if not gather_once:  # the model called at every token, as before
+                patch.setattr(GPT, "one_token_steps", lambda self, cache: None)
+            steps = list(stream(model, [[1, 2, 3]], 6, temperature=0.8, seed=5))
+        assert calls == [True] * 5  # every token after the prompt went through the kernel
+        runs.append((steps, len(prepared)))
+    (once, n_once), (every, n_every) = runs
+    assert n_once == 1 and n_every == 5
+    for ours, theirs in zip(once, every, strict=True):
+        np.testing.assert_array_equal(ours.tokens, theirs.tokens)
+        np.testing.assert_array_equal(ours.logits, theirs.logits)
+
+
+def test_one_token_steps_leave_other_inputs_to_the_model(numpy_backend) -> None:
+    """Anything but one valid token id goes to the model: its numbers, or its error."""
+    model = _small_model(numpy_backend)
+    ids = numpy_backend.asarray(np.array([[1, 2]]))
+    cache, theirs = model.new_cache(1, max_len=4), model.new_cache(1, max_len=4)
+    logits_for = model.one_token_steps(cache)
+    assert logits_for is not None
+    ours = np.asarray(logits_for(ids))  # two tokens at once: the model's own path
+    np.testing.assert_array_equal(ours, np.asarray(model(ids, cache=theirs, last_only=True)))
+    for bad, error in (([[11]], "token ids must lie"), ([[-1]], "token ids must lie")):
+        with pytest.raises(ValueError, match=error):
+            logits_for(numpy_backend.asarray(np.array(bad)))
+    with pytest.raises(ValueError, match="integer token ids"):
+        logits_for(numpy_backend.asarray(np.array([[1.0]], dtype=np.float32)))
+    logits_for(numpy_backend.asarray(np.array([[3]])))
+    logits_for(numpy_backend.asarray(np.array([[4]])))  # position 3 of 4: the last
+    assert cache.length == 4
+    with pytest.raises(ValueError, match="(KV cache is full|context)"):
+        logits_for(numpy_backend.asarray(np.array([[5]])))
+
+
+def test_one_token_steps_see_weights_changed_in_place(numpy_backend) -> None:
+    """The prepared step reads the model's arrays: a change made in place shows at the
+    next token, as it does when the model is called."""
+    model = _small_model(numpy_backend, seed=1)
+    ours_cache, their_cache = model.new_cache(1), model.new_cache(1)
+    logits_for = model.one_token_steps(ours_cache)
+    prompt = numpy_backend.asarray(np.array([[1, 2]]))
+    model(prompt, cache=ours_cache)
+    model(prompt, cache=their_cache)
+    weight = model.parameters()["layers.1.linear1.weight"]
+    for token in (3, 4):
+        ids = numpy_backend.asarray(np.array([[token]]))
+        ours = np.asarray(logits_for(ids))
+        theirs = np.asarray(model(ids, cache=their_cache, last_only=True))
+        np.testing.assert_array_equal(ours, theirs)
+        weight *= 2  # in place
+    assert ours_cache.length == their_cache.length == 4
+
+
+def test_one_token_steps_are_none_where_no_native_applies(numpy_backend) -> None:
+    model = _small_model(numpy_backend)
+    assert model.one_token_steps(model.new_cache(2)) is None  # a batch of two
+    assert model.to(numpy_backend, dtype="float64").one_token_steps(model.new_cache(1)) is None
+    with only(numpy_backend, None):
+        assert _small_model(numpy_backend).one_token_steps(model.new_cache(1)) is None
+
+
+def test_int8_weights_entered_after_preparing_go_to_the_modules(numpy_backend) -> None:
+    """A step prepared outside int8_weights stands aside inside it, token by token."""
+    from tinytx.quantize import int8_weights
+
+    model = _small_model(numpy_backend)
+    ours_cache, their_cache = model.new_cache(1), model.new_cache(1)
+    logits_for = model.one_token_steps(ours_cache)
+    ids = numpy_backend.asarray(np.array([[1]]))
+    with spying() as calls, int8_weights(model):
+        ours = np.asarray(logits_for(ids))
+        theirs = np.asarray(model(ids, cache=their_cache, last_only=True))
+    assert calls == []  # declined before the kernel
+    np.testing.assert_array_equal(ours, theirs)

@@ -241,10 +241,18 @@ def _steps(
     tokens = prompt  # (batch, seq + generated so far), host
     model_input = prompt  # what the model reads next: the prompt, then one token (cache)
     finished = np.zeros(batch, dtype=bool)
+    # after the prompt, one token at a time: the model's prepared steps, if it has them
+    # (the same numbers as calling it, without re-checking its weights at every token)
+    prepared = getattr(model, "one_token_steps", None)
+    logits_for = prepared(cache) if prepared is not None and cache is not None else None
     for position in range(seq, seq + max_new_tokens):
         if cache is None:
             model_input = tokens  # no cache: the whole sequence, every step
-        logits = model(backend.asarray(model_input, dtype="int64"), cache=cache, last_only=True)
+        ids = backend.asarray(model_input, dtype="int64")
+        if logits_for is not None and position > seq:  # (batch, 1, vocab)
+            logits = logits_for(ids)
+        else:
+            logits = model(ids, cache=cache, last_only=True)  # (batch, 1, vocab)
         last = np.asarray(backend.to_numpy(logits))[:, 0, :]  # (batch, vocab)
         _check_logits(model, last, position - seq + 1, position)
         chosen = sample_next(last, rng, **sampling)  # (batch,)

@@ -16,7 +16,7 @@ flag. Parameter names follow ``nn.TransformerEncoderLayer`` / ``nn.TransformerDe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tinytx import init
@@ -33,6 +33,7 @@ __all__ = [
     "EncoderBlock",
     "make_norm",
     "one_token_through_blocks",
+    "prepare_one_token_steps",
     "residual_backward",
     "residual_forward_and_save",
 ]
@@ -301,7 +302,7 @@ class DecoderBlock(Module):
     def _one_token_at_once(self, x: Array, cache: LayerKVCache) -> Array | None:
         """The forward below for one new token (x: (1, 1, d_model)) of a pre-norm block
         with LayerNorms, biases, softmax attention and no rotary, computed by the backend's
-        ``decoder_stack_step`` native as a stack of one block (numpy with numba: one
+        ``decoder_stack`` native as a stack of one block (numpy with numba: one
         compiled function), or None (the modules below run): the same arithmetic without
         some 100 Python calls per token, which matter when decoding reads every weight
         once per token. (A model runs all its blocks in one call: see
@@ -310,13 +311,13 @@ class DecoderBlock(Module):
         y, blocks_run = one_token_through_blocks([self], x, [cache])
         return y if blocks_run == 1 else None  # (1, 1, d_model)
 
-    def _step_weights(self, x: Array, cache: LayerKVCache) -> tuple[Any, ...] | None:
+    def _step_weights(self, cache: LayerKVCache) -> tuple[Any, ...] | None:
         """What a decode-step native needs besides x and the cache: (norm1, in_proj,
         out_proj, norm2, linear1, linear2, activation, scale), norms as (weight, bias,
         eps) and products as (weight, bias); or None where this block is not the kind the
         natives compute (see :meth:`_one_token_at_once`)."""
         attn, ff = self.self_attn, self.ff
-        if tuple(x.shape) != (1, 1, attn.d_model) or not self.norm_first:
+        if not self.norm_first:
             return None
         if cache.key_buffer.shape[0] != 1:  # another batch: the modules raise the error
             return None
@@ -405,7 +406,7 @@ def one_token_through_blocks(
     head: tuple[Any, ...] | None = None,
 ) -> tuple[Array, int]:
     """One new token through a stack of decoder blocks, and then the model's head, in one
-    call of the backend's ``decoder_stack_step`` native, where every block is the kind
+    call of the backend's ``decoder_stack`` native, where every block is the kind
     :meth:`DecoderBlock._one_token_at_once` computes (numpy with numba: one compiled
     function, its threads working through all the blocks' products without returning
     to Python). The same arithmetic as calling the blocks in turn, within rounding.
@@ -417,18 +418,47 @@ def one_token_through_blocks(
     (1, 1, d_model), whose caches now hold this token. n = 0 (y is x) where the native
     does not apply; the caller runs the rest, block by block.
     """
-    native = blocks[0].backend.natives.get("decoder_stack_step") if blocks else None
-    if native is None or len({cache.length for cache in caches}) != 1:
-        return x, 0
-    weights = [block._step_weights(x, cache) for block, cache in zip(blocks, caches, strict=True)]
+    if not blocks or tuple(x.shape) != (1, 1, blocks[0].self_attn.d_model):
+        return x, 0  # not one token: nothing to prepare
+    one_token = prepare_one_token_steps(blocks, caches, head)
+    return (x, 0) if one_token is None else one_token(x)
+
+
+def prepare_one_token_steps(
+    blocks: Sequence[DecoderBlock],
+    caches: Sequence[LayerKVCache],
+    head: tuple[Any, ...] | None = None,
+) -> Callable[[Array], tuple[Array, int]] | None:
+    """:func:`one_token_through_blocks` for token after token with the same blocks and
+    caches, as generation runs: the native's arguments (every block's weights, the
+    caches' buffers) are checked and gathered once, here, not at every token. Returns
+    ``one_token(x)``: x (1, 1, d_model) -> (y, n) as :func:`one_token_through_blocks`;
+    or None where the native does not apply. ``one_token`` reads the weights the blocks
+    hold now: arrays changed in place show, new arrays put in their place do not.
+    """
+    native = blocks[0].backend.natives.get("decoder_stack") if blocks else None
+    if native is None:
+        return None
+    weights = [block._step_weights(cache) for block, cache in zip(blocks, caches, strict=True)]
     if any(w is None for w in weights):
-        return x, 0
+        return None
     keys = [cache.key_buffer[0, ...] for cache in caches]  # (heads_kv, max_len, d_head) each
     values = [cache.value_buffer[0, ...] for cache in caches]
-    result = native(x[0, 0, :], keys, values, caches[0].length, weights, head)
-    if result is NotImplemented:
-        return x, 0
-    y, stages = result  # (vocab,) or (d_model,), stages run
-    for cache in caches[:stages]:
-        cache.length += 1  # the kernel wrote this position's keys and values
-    return y[None, None, :], stages  # (1, 1, vocab) or (1, 1, d_model)
+    step = native(keys, values, weights, head)
+    if step is NotImplemented:
+        return None
+    d_model = blocks[0].self_attn.d_model
+
+    def one_token(x: Array) -> tuple[Array, int]:
+        position = caches[0].length
+        if tuple(x.shape) != (1, 1, d_model) or any(c.length != position for c in caches):
+            return x, 0
+        result = step(x[0, 0, :], position)
+        if result is NotImplemented:
+            return x, 0
+        y, stages = result  # (vocab,) or (d_model,), stages run
+        for cache in caches[:stages]:
+            cache.length += 1  # the kernel wrote this position's keys and values
+        return y[None, None, :], stages  # (1, 1, vocab) or (1, 1, d_model)
+
+    return one_token

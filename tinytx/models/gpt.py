@@ -18,7 +18,7 @@ Conv1D layout is transposed in one place, :func:`conv1d_to_linear`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,12 @@ from tinytx import functional as F
 from tinytx import init
 from tinytx.backends import Backend, resolve_backend
 from tinytx.layers.basic import ACTIVATIONS, Embedding, LayerNorm, Linear
-from tinytx.layers.blocks import DecoderBlock, make_norm, one_token_through_blocks
+from tinytx.layers.blocks import (
+    DecoderBlock,
+    make_norm,
+    one_token_through_blocks,
+    prepare_one_token_steps,
+)
 from tinytx.layers.kv_cache import KVCache
 from tinytx.layers.module import Module, StateDictError
 from tinytx.layers.positions import LearnedPositions
@@ -260,16 +265,29 @@ class GPT(Module):
         return_weights: bool = False,
     ) -> Array | tuple[Array, list[Array]]:
         offset = self._check_ids(ids, cache)
-        x = self.token_embedding(ids)  # (batch, seq, d_model)
-        if self.position_embedding is not None:
-            x = self.position_embedding(x, offset)  # (batch, seq, d_model), positions offset..
-        all_weights = []
+        x = self._embed(ids, offset)  # (batch, seq, d_model)
         first = 0  # blocks already run
         if cache is not None and not return_weights:  # one new token: a fused native, if any
             caches = [cache[i] for i in range(len(self.layers))]
             x, first = one_token_through_blocks(self.layers, x, caches, self._head_weights())
             if first > len(self.layers):
                 return x  # (1, 1, vocab): the native ran the head too
+        return self._blocks_and_head(x, first, cache, last_only, return_weights)
+
+    def _embed(self, ids: Array, offset: int) -> Array:
+        """Token embeddings plus positions offset, offset + 1, ... (batch, seq) ->
+        (batch, seq, d_model)."""
+        x = self.token_embedding(ids)  # (batch, seq, d_model)
+        if self.position_embedding is not None:
+            x = self.position_embedding(x, offset)  # (batch, seq, d_model), positions offset..
+        return x
+
+    def _blocks_and_head(
+        self, x: Array, first: int, cache: KVCache | None, last_only: bool, return_weights: bool
+    ) -> Array | tuple[Array, list[Array]]:
+        """The rest of :meth:`forward` from block ``first`` on: the blocks, the final norm
+        and the head. x: (batch, seq, d_model) -> logits (batch, seq or 1, vocab)."""
+        all_weights = []
         for i, layer in enumerate(self.layers):
             if i < first:
                 continue
@@ -283,6 +301,49 @@ class GPT(Module):
         x = self.norm(x)  # (batch, seq, d_model)
         logits = self.head(x) if self.head is not None else self._tied_head(x)  # (b, seq, vocab)
         return (logits, all_weights) if return_weights else logits
+
+    def one_token_steps(self, cache: KVCache) -> Callable[[Array], Array] | None:
+        """For generating with ``cache``, one token at a time: a function ``logits_for(ids)``,
+        ids (1, 1) -> logits (1, 1, vocab), that computes what
+        ``self(ids, cache=cache, last_only=True)`` does, with the same arithmetic, and
+        fills the cache alike; or None where no fused native applies (other backends,
+        other blocks, a batch of more than one), and then the model is called instead.
+
+        The fused native's arguments (some 150 weight arrays, the cache's buffers) are
+        checked and gathered once, here, instead of at every token, as well as the
+        modules' own call checks: on GPT-2 small that saves about 0.5 ms of Python a
+        token, on caches that reading 0.5 GB of weights has just flushed (see the
+        README's "Why decoding is bandwidth-bound"). ``logits_for`` reads the weights
+        the model holds now: arrays changed in place show, new arrays put in their place
+        (``load_state_dict``, ``to``) do not; call this again after those.
+        """
+        caches = [cache[i] for i in range(len(self.layers))]
+        one_token = prepare_one_token_steps(self.layers, caches, self._head_weights())
+        if one_token is None:
+            return None
+        xp, table = self.backend.xp, self.token_embedding.weight  # (vocab, d_model)
+        vocab, d_model = table.shape
+        positions = self.position_embedding  # LearnedPositions or None (rotary)
+        rows = None if positions is None else positions.weight  # (context, d_model)
+        limit = min(cache.max_len, self.config.context_length)  # positions it can take
+
+        def logits_for(ids: Array) -> Array:  # (1, 1) -> (1, 1, vocab)
+            position = cache.length
+            if tuple(ids.shape) != (1, 1) or ids.dtype != xp.int64 or position >= limit:
+                return self(ids, cache=cache, last_only=True)  # the model's checks, errors
+            token = int(ids[0, 0])
+            if not 0 <= token < vocab:
+                return self(ids, cache=cache, last_only=True)  # raises the model's error
+            # what _embed computes, without its checks (done above) and module calls
+            x = table[token : token + 1, :]  # (1, d_model)
+            if rows is not None:
+                x = x + rows[position : position + 1, :]  # (1, d_model)
+            x, first = one_token(xp.reshape(x, (1, 1, d_model)))
+            if first > len(self.layers):
+                return x  # (1, 1, vocab): the native ran the head too
+            return self._blocks_and_head(x, first, cache, last_only=True, return_weights=False)
+
+        return logits_for
 
     def _head_weights(self) -> tuple[Any, ...] | None:
         """The final LayerNorm's weight, bias and eps and the output layer's weight and
