@@ -188,6 +188,11 @@ def stream(
 ) -> Iterator[Step]:
     """Generate token by token: an iterator of :class:`Step`, one as soon as each token is
     chosen. Arguments as in :func:`generate`; they are all checked here, before any step.
+
+    With the cache, a model that has prepared one-token steps (``GPT.one_token_steps``,
+    where a fused native applies) gathers its weights once, at the first step: a weight
+    changed in place during the stream shows at the next token, a parameter replaced by
+    a new array (``load_state_dict``, ``to``) does not, until a new stream.
     """
     check_sampling(temperature, top_k, top_p)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
