@@ -127,3 +127,25 @@ def test_the_bandwidth_probe_reads_with_the_compiled_sum(monkeypatch) -> None:
     summed.clear()
     assert generate.read_bandwidth(n_bytes=1 << 16, repeats=2, threads=2) > 0
     assert summed == [] and "NumPy's sum" in generate.read_method()
+
+
+def test_the_weights_are_read_where_they_lie_slice_by_slice(monkeypatch) -> None:
+    """Summing a model's weights: each array a step reads (a view of the model's own,
+    the tied embedding once, no position table), split between the threads, every slice
+    summed once per repeat; the rate counts their bytes."""
+    from tinytx.bench import generate
+    from tinytx.models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=11, context_length=8, d_model=16, n_heads=2, n_layers=1))
+    arrays = generate.weight_arrays(model)
+    owned = [a for n, a in model.parameters().items() if not n.startswith("position")]
+    assert len(arrays) == len(owned)
+    assert all(np.shares_memory(a, b) for a, b in zip(arrays, owned, strict=True))
+    assert sum(a.nbytes for a in arrays) == generate.weight_bytes_per_token(model)
+    summed = []
+    real = matvec_kernels.lane_sum
+    monkeypatch.setattr(matvec_kernels, "lane_sum", lambda a: summed.append(a.size) or real(a))
+    assert generate.read_bandwidth(repeats=3, threads=2, data=arrays) > 0
+    sizes = sum(a.size for a in arrays)
+    assert sum(summed) == 16 + 3 * sizes  # the warm-up slice, then every slice, three times
+    assert len(summed) == 1 + 3 * 2 * len(arrays)  # two slices of each array a repeat

@@ -170,6 +170,7 @@ def test_bench_generate_prints_each_run_against_its_own_ceiling() -> None:
         "run_bandwidth_gb_s": [33.0, 48.0, 34.0], "run_vs_ceiling": [0.9, 0.6, 0.87],
         "run_ms_per_token": [16.7, 17.2, 16.7],
         "decode_vs_ceiling": 0.87, "decode_vs_best_ceiling": 0.6,
+        "run_weights_read_gb_s": [30.0, 31.0, 29.5], "decode_vs_weights_read": 0.998,
     }  # fmt: skip
     result = {
         "backend": "numpy", "threads": {"requested": 2}, "repeats": 3, "pause_s": 0.5,
@@ -182,4 +183,6 @@ def test_bench_generate_prints_each_run_against_its_own_ceiling() -> None:
     assert "array, a compiled sum in vector lanes)" in text
     assert "each run: 0.90 of 33.0 GB/s (16.7 ms), 0.60 of 48.0 GB/s (17.2 ms), 0.87" in text
     assert "around the runs 33.0-48.0 GB/s, against the best seen 0.600" in text
+    assert "summing the weights alone (the same compiled sum, over the arrays a step " in text
+    assert "read 29.5-31.0 GB/s around the runs; decode reached a median 0.998 of it" in text
     assert "decode tok/s at 64 >= 0.85 x the bandwidth ceiling: 0.87 (met)" in text

@@ -65,7 +65,7 @@ def read_bandwidth(
     n_bytes: int = 1 << 30,
     repeats: int = 5,
     threads: int | None = None,
-    data: np.ndarray | None = None,
+    data: np.ndarray | Sequence[np.ndarray] | None = None,
 ) -> float:
     """The machine's memory read bandwidth in bytes/s: the best of ``repeats`` sums of an
     ``n_bytes`` float32 array (1 GiB: far larger than any cache), the array split into
@@ -76,7 +76,8 @@ def read_bandwidth(
     cache, below what two cores can read). The best run is the closest to what the
     hardware can do; the others were slowed by other work. ``data``: the array to sum
     (1-D float32), instead of a new one of ``n_bytes`` (writing a fresh GiB takes longer
-    than summing it)."""
+    than summing it); or a sequence of them, each split between the threads and summed
+    in turn (as :func:`weight_arrays`: the bytes a decode step reads, where they lie)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tinytx.backends import matvec_kernels, numpy_natives
@@ -84,16 +85,23 @@ def read_bandwidth(
     threads = numpy_natives.get_num_threads() if threads is None else threads
     if data is None:
         data = np.ones(n_bytes // 4, dtype=np.float32)  # written once: every page is real
+    arrays = [data] if isinstance(data, np.ndarray) else list(data)
     summed = matvec_kernels.lane_sum if matvec_kernels.kernel_available() else np.sum
-    shares = np.array_split(data, threads)
-    summed(shares[0][:16])  # compiled (or loaded from numba's cache) before the clock
+    split = [np.array_split(a, threads) for a in arrays]  # split[i][t]: thread t's slice
+    shares = [[parts[t] for parts in split] for t in range(threads)]  # thread t's slices
+
+    def sum_all(slices: list[np.ndarray]) -> None:
+        for part in slices:
+            summed(part)
+
+    summed(arrays[0][:16])  # compiled (or loaded from numba's cache) before the clock
     best = float("inf")
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
             start = time.perf_counter()
-            list(pool.map(summed, shares))
+            list(pool.map(sum_all, shares))
             best = min(best, time.perf_counter() - start)
-    return data.nbytes / best
+    return sum(a.nbytes for a in arrays) / best
 
 
 def read_method() -> str:
@@ -105,17 +113,30 @@ def read_method() -> str:
     return "NumPy's sum (numba missing or off: it can understate the bandwidth)"
 
 
-def weight_bytes_per_token(model: Any) -> int:
-    """Bytes of weights one decode step reads: every parameter array once (a tied token
-    embedding is read once, as the output matrix), except the position table, of which a
-    step reads a single row. The KV cache (about 4.7 MB at context 64) is left out."""
-    seen, total = set(), 0
+def _weights_read(model: Any) -> list[Any]:
+    """The parameter arrays one decode step reads: every one once (a tied token
+    embedding is read once, as the output matrix), except the position table, of which
+    a step reads a single row."""
+    seen, arrays = set(), []
     for name, array in model.parameters().items():
         if id(array) in seen or name.startswith("position_embedding"):
             continue
         seen.add(id(array))
-        total += int(np.prod(array.shape)) * array.dtype.itemsize
-    return total
+        arrays.append(array)
+    return arrays
+
+
+def weight_arrays(model: Any) -> list[np.ndarray]:
+    """The weights one decode step reads (see :func:`weight_bytes_per_token`), each
+    flattened: views of a numpy-backend model's own arrays, no copy."""
+    return [np.asarray(a).reshape(-1) for a in _weights_read(model)]
+
+
+def weight_bytes_per_token(model: Any) -> int:
+    """Bytes of weights one decode step reads: every parameter array once (a tied token
+    embedding is read once, as the output matrix), except the position table, of which
+    a step reads a single row. The KV cache (about 4.7 MB at context 64) is left out."""
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in _weights_read(model))
 
 
 def _transformers_or_none() -> Any:
@@ -235,6 +256,13 @@ def run(
         return max(read_bandwidth(repeats=repeats, threads=1, data=probe),
                    read_bandwidth(repeats=repeats, data=probe))  # fmt: skip
 
+    # The weights themselves, summed where they lie by the same compiled sum: what reading
+    # a step's bytes costs apart from any arithmetic (the numpy backend only).
+    weights = weight_arrays(ours) if backend.name == "numpy" else None
+
+    def weights_read_now(repeats: int) -> float | None:
+        return None if weights is None else read_bandwidth(repeats=repeats, data=weights)
+
     bandwidth = bandwidth_now(5)
     ceiling = bandwidth / bytes_per_token  # tokens/s if a step did nothing but read weights
     if progress is not None:
@@ -255,12 +283,15 @@ def run(
         totals, decodes, hf_totals = [], [], []
         q_totals, q_decodes = [], []
         bandwidths, fractions = [], []  # each run's own ceiling, and its share of it
+        weight_reads = []  # the weights' own read around each run
         for _ in range(repeats):  # alternate: a burst of load elsewhere hits both
             time.sleep(pause)
-            before = bandwidth_now(2)
+            before, weights_before = bandwidth_now(2), weights_read_now(2)
             total, decode, tokens = _tinytx_cached(ours, prompt, N_NEW)
             time.sleep(pause)  # numba's OpenMP threads spin a while after their work
             bandwidths.append(max(before, bandwidth_now(2)))  # the better of both sides
+            if weights is not None:
+                weight_reads.append(max(weights_before, weights_read_now(2)))
             totals.append(total)
             decodes.append(decode)
             fractions.append(bytes_per_token / bandwidths[-1] / decode)
@@ -290,6 +321,11 @@ def run(
         row["run_vs_ceiling"] = fractions  # each run against the bandwidth around it
         row["run_ms_per_token"] = [d * 1e3 for d in decodes]
         row["decode_vs_ceiling"] = statistics.median(fractions)
+        if weight_reads:  # each run against summing the weights around it
+            row["run_weights_read_gb_s"] = [b / 1e9 for b in weight_reads]
+            row["decode_vs_weights_read"] = statistics.median(
+                bytes_per_token / b / d for b, d in zip(weight_reads, decodes, strict=True)
+            )
         # a lower bound: every run against the best bandwidth seen anywhere so far (a probe
         # that caught a slow moment can set a run above its own ceiling, as measured here)
         best = max(bandwidth, *bandwidths)
@@ -414,7 +450,8 @@ def _per_run_lines(rows: list[dict[str, Any]]) -> list[str]:
     """One line per context: each run's fraction of the bandwidth around it (and its
     decode time per token, to tell a moving ceiling from a moving decode), the range of
     bandwidths seen, and the median against the best of them (a bound that sets a run
-    made while the memory was slow against its fastest moment)."""
+    made while the memory was slow against its fastest moment); then, where measured,
+    how fast summing the weights themselves read, and decode's median share of that."""
     lines = []
     for row in rows:
         if "run_vs_ceiling" not in row:
@@ -428,6 +465,14 @@ def _per_run_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"{max(row['run_bandwidth_gb_s']):.1f} GB/s, against the best seen "
             f"{row['decode_vs_best_ceiling']:.3f}"
         )
+        if "run_weights_read_gb_s" in row:
+            reads = row["run_weights_read_gb_s"]
+            lines.append(
+                f"context {row['context']}: summing the weights alone (the same compiled "
+                f"sum, over the arrays a step reads, where they lie) read {min(reads):.1f}-"
+                f"{max(reads):.1f} GB/s around the runs; decode reached a median "
+                f"{row['decode_vs_weights_read']:.3f} of it"
+            )
     return lines
 
 
