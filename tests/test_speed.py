@@ -174,6 +174,7 @@ def test_bench_generate_prints_each_run_against_its_own_ceiling() -> None:
     }  # fmt: skip
     result = {
         "backend": "numpy", "threads": {"requested": 2}, "repeats": 3, "pause_s": 0.5,
+        "settle_s": 0.05,
         "new_tokens": 32, "transformers": None, "machine": machine_info(),
         "read_bandwidth_gb_s": 33.0, "read_method": "a compiled sum in vector lanes",
         "weight_bytes_per_token": 495_000_000, "ceiling_tok_s": 66.7, "results": [row],
@@ -181,8 +182,36 @@ def test_bench_generate_prints_each_run_against_its_own_ceiling() -> None:
     }  # fmt: skip
     text = format_results(result)
     assert "array, a compiled sum in vector lanes)" in text
+    assert "0.5 s rest before each, bandwidth probed 0.05 s after" in text
     assert "each run: 0.90 of 33.0 GB/s (16.7 ms), 0.60 of 48.0 GB/s (17.2 ms), 0.87" in text
     assert "around the runs 33.0-48.0 GB/s, against the best seen 0.600" in text
     assert "summing the weights alone (the same compiled sum, over the arrays a step " in text
     assert "read 29.5-31.0 GB/s around the runs; decode reached a median 0.998 of it" in text
     assert "decode tok/s at 64 >= 0.85 x the bandwidth ceiling: 0.87 (met)" in text
+
+
+def test_the_probe_after_a_run_waits_only_for_the_threads_to_settle(monkeypatch) -> None:
+    """After a run, the bandwidth is probed once the run's idle threads stop spinning:
+    GNU OpenMP's spin (milliseconds) gets 0.05 s, Intel's (200 ms) 0.25 s; BLAS's
+    threads, or an unknown layer, the full pause; never more than the pause."""
+    from tinytx.backends import numba_kernels
+    from tinytx.bench.generate import settle_seconds
+
+    if not numba_kernels.available():
+        assert settle_seconds(0.5) == 0.5
+        return
+    import numba
+
+    from tinytx.bench import generate
+
+    monkeypatch.setattr(numba, "threading_layer", lambda: "omp")
+    monkeypatch.setattr(generate, "_openmp_vendor", lambda: "GNU")
+    assert settle_seconds(0.5) == 0.05 and settle_seconds(0.01) == 0.01
+    monkeypatch.setattr(generate, "_openmp_vendor", lambda: "Intel")
+    assert settle_seconds(0.5) == 0.25
+    monkeypatch.setattr(generate, "_openmp_vendor", lambda: None)
+    assert settle_seconds(0.5) == 0.5
+    monkeypatch.setattr(numba, "threading_layer", lambda: "tbb")
+    assert settle_seconds(0.5) == 0.5
+    monkeypatch.setenv("TINYTX_NUMBA", "0")
+    assert settle_seconds(0.5) == 0.5

@@ -104,6 +104,41 @@ def read_bandwidth(
     return sum(a.nbytes for a in arrays) / best
 
 
+def settle_seconds(pause: float) -> float:
+    """How long to wait after a decode run before probing the bandwidth around it: until
+    the run's idle threads stop spinning on the cores the probe needs, and no longer (the
+    memory's speed can change within a second, so the probe should stand close to the
+    run). numba's OpenMP threads spin after their work: GNU's libgomp some 300,000 times
+    (GOMP_SPINCOUNT: milliseconds; on the 2-vCPU EPYC, a probe 2 ms after a step read 0.94
+    of its rate before it, 10 ms after, 0.99), Intel's 200 ms (KMP_BLOCKTIME). Without
+    numba's threads (no numba, or another layer) the decode's threads are BLAS's, which
+    may spin longer, and for an OpenMP it cannot name: ``pause``. Never more than
+    ``pause``."""
+    from tinytx.backends import numba_kernels
+
+    if not numba_kernels.enabled():
+        return pause
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel function has run yet
+        return pause
+    if layer == "omp":
+        spin = {"GNU": 0.05, "Intel": 0.25}.get(_openmp_vendor(), pause)
+        return min(pause, spin)
+    return min(pause, 0.05) if layer == "workqueue" else pause
+
+
+def _openmp_vendor() -> str | None:
+    """numba's OpenMP runtime: "GNU", "Intel", or None where it cannot say."""
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:
+        return None
+    return getattr(omppool, "openmp_vendor", None)
+
+
 def read_method() -> str:
     """How :func:`read_bandwidth` reads: the words the benchmark prints."""
     from tinytx.backends import matvec_kernels
@@ -288,7 +323,7 @@ def run(
             time.sleep(pause)
             before, weights_before = bandwidth_now(2), weights_read_now(2)
             total, decode, tokens = _tinytx_cached(ours, prompt, N_NEW)
-            time.sleep(pause)  # numba's OpenMP threads spin a while after their work
+            time.sleep(settle_seconds(pause))  # the run's threads spin a while after it
             bandwidths.append(max(before, bandwidth_now(2)))  # the better of both sides
             if weights is not None:
                 weight_reads.append(max(weights_before, weights_read_now(2)))
@@ -352,6 +387,7 @@ def run(
         "threads": thread_report,
         "repeats": repeats,
         "pause_s": pause,
+        "settle_s": settle_seconds(pause),
         "new_tokens": N_NEW,
         "transformers": None if theirs is None else _transformers_or_none().__version__,
         "machine": machine_info(),
@@ -419,7 +455,8 @@ def format_results(result: dict[str, Any]) -> str:
         f"GPT-2 small shape, random weights, batch 1, float32, greedy, {result['new_tokens']} "
         f"new tokens; backend {result['backend']}, threads {result['threads']['requested']}, "
         f"median of {result['repeats']} alternating runs, "
-        f"{result.get('pause_s', 0)} s rest before each",
+        f"{result.get('pause_s', 0)} s rest before each, bandwidth probed "
+        f"{result.get('settle_s', result.get('pause_s', 0))} s after",
         describe_machine(machine) + f", transformers {result['transformers'] or 'not installed'}",
         f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s (best sum of a 1 GiB float32 "
         f"array, {result.get('read_method', 'NumPy sum')}), weights read per token "
