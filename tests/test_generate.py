@@ -396,3 +396,22 @@ def test_logits_are_checked_before_a_token_is_chosen(row, allowed) -> None:
     else:
         with pytest.raises(NonFiniteLogitsError, match="step 1 \\(position 5\\)"):
             _check_logits(None, logits, step=1, position=5)
+
+
+def test_prepared_one_token_steps_exist_exactly_where_the_native_does(backend) -> None:
+    """GPT.one_token_steps gives generation a prepared step only where the backend has
+    the fused decode native (numpy with numba); elsewhere None, and generation calls
+    the model at every token. Either way, one sequence's cached steps (the prepared
+    path, where there is one) match recomputing the whole sequence every step."""
+    from tinytx.backends import numba_kernels
+
+    model = small_model(backend)
+    prepared = model.one_token_steps(model.new_cache(1, 8))
+    has_native = "decoder_stack" in backend.natives and numba_kernels.enabled()
+    assert (prepared is not None) == has_native
+    ids = prompt_for(model.config, 4, 1, 3)
+    cached = list(stream(model, ids, 6, temperature=1.0, seed=2))
+    uncached = list(stream(model, ids, 6, temperature=1.0, seed=2, use_cache=False))
+    for a, b in zip(cached, uncached, strict=True):
+        np.testing.assert_allclose(a.logits, b.logits, atol=ATOL, rtol=RTOL)
+        assert a.tokens.tolist() == b.tokens.tolist()

@@ -111,9 +111,9 @@ def settle_seconds(pause: float) -> float:
     run). numba's OpenMP threads spin after their work: GNU's libgomp some 300,000 times
     (GOMP_SPINCOUNT: milliseconds; on the 2-vCPU EPYC, a probe 2 ms after a step read 0.94
     of its rate before it, 10 ms after, 0.99), Intel's 200 ms (KMP_BLOCKTIME). Without
-    numba's threads (no numba, or another layer) the decode's threads are BLAS's, which
-    may spin longer, and for an OpenMP it cannot name: ``pause``. Never more than
-    ``pause``."""
+    numba's OpenMP threads (no numba: the decode's threads are BLAS's, which may spin
+    longer), under another threading layer, or an OpenMP it cannot name: ``pause``. Never
+    more than ``pause``."""
     from tinytx.backends import numba_kernels
 
     if not numba_kernels.enabled():
@@ -124,10 +124,10 @@ def settle_seconds(pause: float) -> float:
         layer = numba.threading_layer()
     except ValueError:  # no parallel function has run yet
         return pause
-    if layer == "omp":
-        spin = {"GNU": 0.05, "Intel": 0.25}.get(_openmp_vendor(), pause)
-        return min(pause, spin)
-    return min(pause, 0.05) if layer == "workqueue" else pause
+    if layer != "omp":
+        return pause
+    spin = {"GNU": 0.05, "Intel": 0.25}.get(_openmp_vendor(), pause)
+    return min(pause, spin)
 
 
 def _openmp_vendor() -> str | None:
