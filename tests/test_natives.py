@@ -343,6 +343,64 @@ def test_one_thread_and_many_threads_agree(numpy_backend) -> None:
     np.testing.assert_array_equal(many, one)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("n_shares", [2, 3, 17])
+def test_every_share_runs_once(threads, n_shares) -> None:
+    numpy_natives.set_num_threads(threads)
+    ran = []
+    numpy_natives._run_shares(ran.append, list(range(n_shares)), caller_too=True)
+    assert sorted(ran) == list(range(n_shares))
+    numpy_natives._run_shares(ran.append, ["a", "b", "c"], caller_too=False)
+    assert sorted(ran[n_shares:]) == ["a", "b", "c"]
+
+
+def test_the_caller_takes_the_shares_of_a_pool_thread_that_has_not_started() -> None:
+    """A pool thread busy elsewhere (or slow to wake) holds nothing up: the caller claims
+    every share and returns without waiting for it."""
+    import threading
+
+    numpy_natives.set_num_threads(2)
+    release, started = threading.Event(), threading.Event()
+
+    def occupy() -> None:
+        started.set()
+        release.wait(timeout=30)
+
+    busy = [numpy_natives._executor().submit(occupy) for _ in range(2)]  # every pool thread
+    assert started.wait(timeout=30)
+    try:
+        where = []
+        numpy_natives._run_shares(
+            lambda share: where.append((share, threading.current_thread())),
+            list(range(5)),
+            caller_too=True,
+        )
+        assert [share for share, _ in where] == list(range(5))
+        assert {thread for _, thread in where} == {threading.current_thread()}
+    finally:
+        release.set()
+        for future in busy:
+            future.result(timeout=30)
+
+
+def test_an_error_in_a_share_is_raised_and_the_shares_not_started_are_skipped() -> None:
+    ran = []
+
+    def run(share: int) -> None:
+        ran.append(share)
+        if share == 2:
+            raise ValueError("share two failed")
+
+    for threads in (1, 2):
+        numpy_natives.set_num_threads(threads)
+        ran.clear()
+        with pytest.raises(ValueError, match="share two failed"):
+            numpy_natives._run_shares(run, list(range(200)), caller_too=True)
+        assert 2 in ran and len(ran) < 200  # the rest were skipped, not run
+    with pytest.raises(ValueError, match="share two failed"):
+        numpy_natives._run_shares(run, [1, 2, 3], caller_too=False)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_set_num_threads_rejects_bad_counts(bad) -> None:
     with pytest.raises(ValueError, match="positive int"):
