@@ -872,10 +872,28 @@ def bench_generate(
     _report(format_results(result), result, json_path)
 
 
+def _max_padding(text: str) -> float | None:
+    """``--max-padding``: a share in [0, 1), or 'none'."""
+    from tinytx.bench.embed import max_padding_option
+
+    try:
+        return max_padding_option(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err).removeprefix("--max-padding ")) from None
+
+
 @bench.command("embed")
 @click.option("--model", "model_path", default=None, help=_DEFAULT_MODEL_HELP)
 @click.option("--sentences", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--max-padding",
+    default="0.1",
+    show_default=True,
+    callback=lambda ctx, param, value: _max_padding(value),
+    help="tinytx ends a batch where more than this share of it would be padding; "
+    "'none': batches by count alone, as sentence-transformers.",
+)
 @_bench_options(repeats=5, warmup=1, threads=2, threads_help="Same for both.")
 @click.option("--no-peer", is_flag=True, help="Time tinytx alone (no sentence-transformers).")
 @click.pass_context
@@ -884,6 +902,7 @@ def bench_embed(
     model_path: str | None,
     sentences: int,
     batch_size: int,
+    max_padding: float | None,
     repeats: int,
     warmup: int,
     threads: int,
@@ -899,7 +918,7 @@ def bench_embed(
     try:
         result = run(
             backend.name, threads, repeats, model_path=folder, n_sentences=sentences,
-            batch_size=batch_size, warmup=warmup, use_peer=not no_peer,
+            batch_size=batch_size, warmup=warmup, use_peer=not no_peer, max_padding=max_padding,
         )  # fmt: skip
     except CheckpointError as err:
         raise CommandError(str(err)) from None

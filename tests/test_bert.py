@@ -36,7 +36,7 @@ from tinytx.models.bert import (
 )
 from tinytx.plugins import UnknownAttentionError, available_attention
 from tinytx.pretrained import CheckpointError
-from tinytx.tokenizer import Tokenizer, TruncationWarning
+from tinytx.tokenizer import Tokenizer, TruncationWarning, length_batches
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 EXACT_VARIANTS = sorted(
@@ -228,6 +228,49 @@ def test_padding_never_changes_an_embedding(backend, tiny_models):
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-6)
     np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(alone, axis=1), 1.0, atol=1e-6)
+    by_count = model.embed(TEXTS, batch_size=4, max_padding=None)
+    np.testing.assert_allclose(by_count, alone, rtol=0, atol=1e-6)
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=80), st.integers(1, 40),
+       st.sampled_from([None, 0.0, 0.1, 0.5, 0.99]))  # fmt: skip
+def test_length_batches_cut_by_count_and_by_padding(lengths, batch_size, max_padding):
+    batches = length_batches(lengths, batch_size, max_padding)
+    order = [i for batch in batches for i in batch]
+    assert sorted(order) == list(range(len(lengths)))  # every text once
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)  # longest first
+    for batch in batches:
+        assert 1 <= len(batch) <= batch_size
+        positions = len(batch) * lengths[batch[0]]  # padded to its first, longest text
+        padding = positions - sum(lengths[i] for i in batch)
+        if max_padding is not None:
+            assert padding <= max_padding * positions + 1e-9
+    if max_padding is None:  # by count alone: full batches, then the rest
+        assert [len(b) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
+    else:  # each cut was needed: the next text would have broken a limit
+        for batch, following in zip(batches, batches[1:], strict=False):
+            grown = [*batch, following[0]]
+            positions = len(grown) * lengths[grown[0]]
+            tokens = sum(lengths[i] for i in grown)
+            assert len(grown) > batch_size or tokens < (1 - max_padding) * positions
+
+
+def test_length_batches_examples_and_bad_values(tiny_models):
+    import doctest
+
+    [examples] = doctest.DocTestFinder().find(
+        length_batches, globs={"length_batches": length_batches}
+    )
+    results = doctest.DocTestRunner().run(examples)
+    assert results.attempted == 2 and results.failed == 0
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            length_batches([3, 2], bad)
+    for bad in (-0.1, 1.0, 2):
+        with pytest.raises(ValueError, match="max_padding"):
+            length_batches([3, 2], 4, bad)
+    with pytest.raises(ValueError, match="max_padding"):
+        tiny_models(tinytx.get_backend("numpy")).embed(["a cat"], max_padding=1.5)
 
 
 # at most 4 words of at most 3 word pieces: always within the 16 positions, no truncation

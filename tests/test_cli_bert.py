@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import tinytx
 from tinytx.cli import cli
+from tinytx.tokenizer import DEFAULT_MAX_PADDING
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 SEED_SENTENCE = "The animal didn't cross the street because it was too tired."
@@ -268,6 +269,41 @@ def test_bench_embed_runs_and_writes_json(tiny, tmp_path):
     data = json.loads(path.read_text())
     assert data["benchmark"] == "embed" and data["sentences"] == 6
     assert data["results"][0]["sentences_per_s"] > 0
+    assert data["max_padding"] == DEFAULT_MAX_PADDING
+    ours, theirs = data["positions"]["tinytx"], data["positions"]["sentence_transformers"]
+    assert data["tokens"]["total"] <= ours["positions"] <= theirs["positions"]
+    assert theirs["batches"] == 2  # 6 texts, 4 a batch
+    assert "positions computed" in result.output
+
+
+@pytest.mark.filterwarnings("ignore::tinytx.tokenizer.TruncationWarning")  # 16-token model
+def test_bench_embed_max_padding_none_batches_as_sentence_transformers(tiny, tmp_path):
+    path = tmp_path / "embed.json"
+    result = invoke(
+        "bench", "embed", "--model", tiny, "--sentences", "6", "--batch-size", "4",
+        "--max-padding", "none", "--repeats", "1", "--warmup", "0", "--no-peer",
+        "--json", str(path),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    assert data["max_padding"] is None
+    assert data["positions"]["tinytx"] == data["positions"]["sentence_transformers"]
+    assert "by count alone" in result.output
+
+
+@pytest.mark.parametrize("bad", ["2", "-0.5", "1", "abc", ""])
+def test_bench_embed_rejects_a_bad_max_padding(bad):
+    result = invoke("bench", "embed", "--max-padding", bad, "--no-peer")
+    assert result.exit_code == 2
+    assert "--max-padding" in result.output and "[0, 1) or 'none'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_embed_default_max_padding_is_the_librarys():
+    from tinytx.cli import bench_embed
+
+    [option] = [p for p in bench_embed.params if p.name == "max_padding"]
+    assert float(option.default) == DEFAULT_MAX_PADDING
 
 
 # --- the real model -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 
 from tinytx.pretrained import CheckpointError
 
-__all__ = ["Batch", "Tokenizer", "TruncationWarning"]
+__all__ = ["DEFAULT_MAX_PADDING", "Batch", "Tokenizer", "TruncationWarning", "length_batches"]
 
 
 class TruncationWarning(UserWarning):
@@ -63,6 +63,57 @@ def check_texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"text {i} is a {type(text).__name__}, expected str")
     return texts
+
+
+DEFAULT_MAX_PADDING = 0.1  # length_batches: at most a tenth of a batch's positions padding
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_padding: float | None = DEFAULT_MAX_PADDING
+) -> list[list[int]]:
+    """Group texts into batches by token count, for padding each batch to its longest.
+
+    The texts are taken longest first (ties in the order given). A batch takes the next
+    text unless it holds ``batch_size`` texts already, or padding every text to the
+    batch's longest (its first) would make more than ``max_padding`` of its positions
+    padding. ``max_padding=None`` cuts by count alone, as sentence-transformers does.
+
+    Every position of a batch costs the same in the token-wise layers (the projections,
+    the feed-forward), padding or not. Sorting alone still leaves the longest batch
+    mostly padding: in ``tinytx bench embed``'s 256 sentences (6 to 220 tokens), 16,096
+    positions in 8 batches hold 12,483 tokens; at most a tenth of padding, 16 batches
+    hold them in 13,795 positions. A batch costs a few milliseconds beyond its positions,
+    so cutting further gains less than it costs (measured: see ``BertModel.embed``).
+
+    lengths: (n,) token counts -> batches of indices into ``lengths``, longest first.
+
+    >>> length_batches([3, 10, 9, 2], batch_size=4)
+    [[1, 2], [0], [3]]
+    >>> length_batches([3, 10, 9, 2], batch_size=4, max_padding=None)
+    [[1, 2, 0, 3]]
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_padding is not None and not 0.0 <= max_padding < 1.0:
+        raise ValueError(f"max_padding must be in [0, 1) or None, got {max_padding!r}")
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))  # longest first
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    tokens = 0  # real tokens in ``batch``
+    for i in order:
+        n = int(lengths[i])
+        full = len(batch) == batch_size
+        if batch and max_padding is not None:
+            positions = (len(batch) + 1) * int(lengths[batch[0]])  # padded to the longest
+            full = full or tokens + n < (1.0 - max_padding) * positions
+        if full:
+            batches.append(batch)
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += n
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 class Tokenizer:

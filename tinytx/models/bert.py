@@ -35,7 +35,13 @@ from tinytx.layers import EncoderBlock, LayerNorm, Linear, mean_pool, padding_ma
 from tinytx.layers.basic import Embedding
 from tinytx.layers.module import Module
 from tinytx.pretrained import CheckpointError, read_safetensors, weights_file
-from tinytx.tokenizer import Batch, Tokenizer, check_texts
+from tinytx.tokenizer import (
+    DEFAULT_MAX_PADDING,
+    Batch,
+    Tokenizer,
+    check_texts,
+    length_batches,
+)
 
 Array = Any
 
@@ -385,14 +391,24 @@ class BertModel(Module):
         texts: Sequence[str],
         batch_size: int = 32,
         *,
+        max_padding: float | None = DEFAULT_MAX_PADDING,
         progress: Callable[[int], None] | None = None,
     ) -> Any:
         """Sentence embeddings of ``texts``, as sentence-transformers computes them.
 
-        Texts are sorted by token count and embedded ``batch_size`` at a time, each batch
-        padded only to its longest text (less padding, same numbers); the rows come back
-        in the order given. ``progress(n)`` is called after each batch with its size.
-        A text longer than the model reads is truncated, with a TruncationWarning.
+        Texts are sorted by token count and embedded at most ``batch_size`` at a time,
+        each batch padded only to its longest text. A batch also ends where more than
+        ``max_padding`` of its positions would be padding (:func:`length_batches`;
+        ``None``: by count alone, as sentence-transformers does). The batches change the
+        numbers only by rounding (padding is masked: 1.8e-7 at most on the benchmark's
+        256 sentences), and the time. Measured 2026-12-04 on a 2-vCPU EPYC, 8 alternating
+        runs of ``tinytx bench embed``'s sentences, against batches by count alone: a
+        median 0.76 of the time with at most a tenth of padding, 0.79 with a twentieth
+        (more, smaller batches), 0.85 with a fifth.
+
+        The rows come back in the order given. ``progress(n)`` is called after each batch
+        with its size. A text longer than the model reads is truncated, with a
+        TruncationWarning.
         -> NumPy float32 (len(texts), hidden_size), unit rows.
         """
         texts = check_texts(texts)
@@ -400,18 +416,18 @@ class BertModel(Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         tokenizer = self._tokenizer()
         encodings = tokenizer.encode(texts)  # unpadded; warns once for the whole list
-        order = sorted(range(len(texts)), key=lambda i: -len(encodings[i].ids))  # longest first
+        lengths = [len(encoding.ids) for encoding in encodings]
+        batches = length_batches(lengths, batch_size, max_padding)  # longest first
         parts = []
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            ids, mask = self._device_inputs(tokenizer.pad([encodings[i] for i in chunk]))
-            parts.append(self.sentence_embedding(ids, mask=mask))  # (len(chunk), d)
+        for batch in batches:
+            ids, mask = self._device_inputs(tokenizer.pad([encodings[i] for i in batch]))
+            parts.append(self.sentence_embedding(ids, mask=mask))  # (len(batch), d)
             if progress is not None:
-                progress(len(chunk))
+                progress(len(batch))
         xp = self.backend.xp
-        sorted_rows = xp.concat(parts, axis=0)  # (n, d), longest text first
-        where = [0] * len(order)  # where[i]: the row of text i in sorted_rows
-        for row, i in enumerate(order):
+        sorted_rows = xp.concat(parts, axis=0)  # (n, d), in the batches' order
+        where = [0] * len(texts)  # where[i]: the row of text i in sorted_rows
+        for row, i in enumerate(i for batch in batches for i in batch):
             where[i] = row
         rows = xp.take(sorted_rows, self.backend.asarray(where), axis=0)  # (n, d)
         return self.backend.to_numpy(rows)
