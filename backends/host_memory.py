@@ -13,9 +13,10 @@ each; the peak resident set unchanged at 400 MB).
 ``mallopt(M_TRIM_THRESHOLD)`` (hand back only beyond the limit) and
 ``mallopt(M_MMAP_THRESHOLD)`` (serve blocks below 32 MiB from the heap, where freed
 memory can be kept, instead of mapping and unmapping each). This is the process-wide
-setting that PyTorch users reach by preloading jemalloc or tcmalloc. ``tinytx train``
-and the training benchmarks set it (both sides of a benchmark share the process);
-elsewhere nothing changes unless you call it.
+setting that PyTorch users reach by preloading jemalloc or tcmalloc. ``tinytx train``,
+``tinytx embed`` and ``similarity`` (through :func:`tinytx.embedding.embed_texts`), and
+the training, encoder and embedding benchmarks set it (both sides of a benchmark share
+the process); elsewhere nothing changes unless you call it.
 """
 
 from __future__ import annotations

@@ -45,6 +45,16 @@ def test_vectors_are_unit_length_and_tables_show_them(model) -> None:
     assert similarity_table(TEXTS, vectors).splitlines()[0] == "[1] a man eats"
 
 
+def test_embedding_texts_lets_malloc_keep_freed_memory(model, monkeypatch) -> None:
+    """Like training, embedding many batches keeps the freed pages (process-wide)."""
+    from tinytx.backends import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    embed_texts(model, TEXTS, batch_size=2)
+    assert calls == [1]
+
+
 def test_attention_map_draws_and_lists_a_row(model) -> None:
     drawn = attention_map(model, "a man eats", layer=0, head=1, row="a")
     assert "layer 0, head 1" in drawn.text and "row of 'a'" in drawn.text

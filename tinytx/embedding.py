@@ -70,9 +70,19 @@ def embed_texts(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """(vectors (n, d) unit length, host; the truncation warnings as one line each)."""
+    """(vectors (n, d) unit length, host; the truncation warnings as one line each).
+
+    On Linux with glibc, first lets malloc keep up to 256 MiB of freed memory, so that
+    each batch reuses the pages the one before freed instead of faulting in new ones (see
+    :mod:`tinytx.backends.host_memory`; process-wide, as ``tinytx train`` does). Measured
+    2026-12-04 on a 2-vCPU EPYC, ``model.embed`` of the benchmark's 256 sentences, 4 runs
+    each: without it 34,000 page faults, 0.23-0.57 s of system time and 2.64-3.10 s a
+    run; with it under 400 faults, 0.04-0.07 s and 2.23-2.46 s.
+    """
+    from tinytx.backends.host_memory import keep_freed_memory
     from tinytx.tokenizer import TruncationWarning
 
+    keep_freed_memory()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
         vectors = model.embed(list(texts), batch_size=batch_size, progress=progress)

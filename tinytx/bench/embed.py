@@ -120,7 +120,9 @@ def run(
     the positions each side computes: every text padded to its batch's longest).
     ``max_padding`` is passed to ``model.embed`` (None: batches by count alone)."""
     import tinytx
+    from tinytx.backends.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # as tinytx embed does; sentence-transformers shares the process
     thread_report = set_threads(threads)
     folder = Path(model_path) if model_path is not None else default_model_path()
     backend = tinytx.get_backend(backend_name)

@@ -136,7 +136,9 @@ def run(
     tinytx / torch, whether the target is met, and the largest output difference.
     """
     import tinytx
+    from tinytx.backends.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # as tinytx embed and train do; torch's side shares the process
     backend = tinytx.get_backend(backend_name)
     thread_report = set_threads(threads)
     torch = torch_or_none() if use_torch else None
