@@ -266,7 +266,7 @@ def test_length_batches_examples_and_bad_values(tiny_models):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="batch_size"):
             length_batches([3, 2], bad)
-    for bad in (-0.1, 1.0, 2):
+    for bad in (-0.1, 1.0, 2, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="max_padding"):
             length_batches([3, 2], 4, bad)
     with pytest.raises(ValueError, match="max_padding"):
