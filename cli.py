@@ -879,7 +879,7 @@ def _max_padding(text: str) -> float | None:
     try:
         return max_padding_option(text)
     except ValueError as err:
-        raise click.BadParameter(str(err).removeprefix("--max-padding ")) from None
+        raise click.BadParameter(str(err)) from None
 
 
 @bench.command("embed")

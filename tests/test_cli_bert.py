@@ -299,6 +299,15 @@ def test_bench_embed_rejects_a_bad_max_padding(bad):
     assert "Traceback" not in result.output
 
 
+def test_embed_benchmark_script_rejects_a_bad_max_padding(capsys):
+    from tinytx.bench.embed import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--max-padding", "3", "--no-peer"])
+    assert exit_info.value.code == 2
+    assert "--max-padding: must be a number in [0, 1) or 'none', got '3'" in capsys.readouterr().err
+
+
 def test_bench_embed_default_max_padding_is_the_librarys():
     from tinytx.cli import bench_embed
 

@@ -242,8 +242,15 @@ def max_padding_option(text: str) -> float | None:
     except ValueError:
         value = -1.0
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"--max-padding must be a number in [0, 1) or 'none', got {text!r}")
+        raise ValueError(f"must be a number in [0, 1) or 'none', got {text!r}")
     return value
+
+
+def _max_padding_argument(text: str) -> float | None:
+    try:
+        return max_padding_option(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -258,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-padding",
-        type=max_padding_option,
+        type=_max_padding_argument,
         default=DEFAULT_MAX_PADDING,
         help="end a batch where more than this share would be padding; 'none': by count (0.1)",
     )
