@@ -272,9 +272,10 @@ def _run_shares(run: Callable[[Any], None], shares: Sequence[Any], *, caller_too
     wakes late costs nothing, its shares taken by the caller. A wake-up usually takes
     tens of microseconds, but on the 2-vCPU EPYC VM one in ten of MiniLM's products found
     its pool thread 1.7 ms late or more, one in a hundred 30 ms (the caller's half took
-    1.5-3 ms); measured 2026-12-04, ``model.embed`` of the benchmark's 256 sentences,
-    8 alternating runs in one process: 3.20 -> 2.94 s (medians) against handing each
-    thread its share in advance.
+    1.5-3 ms). Measured 2026-12-04 in one process, alternating with the old way (each
+    thread handed its share in advance), paired medians of the time: attention
+    (8, 8, 256, 64) 0.79 and 0.85 (40 calls each), the encoder block 0.93 and 0.96 (20),
+    MiniLM's ``model.embed`` 0.97-1.01 (8-15), where products are split in two only.
 
     Every pool thread is asked to help (one per share after the caller's first), so with
     many shares one thread more than the pool's count works: a share's Python between

@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -257,16 +258,22 @@ def test_demo_falls_back_to_the_shipped_gpt_without_the_model(monkeypatch):
 # --- bench embed --------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::tinytx.tokenizer.TruncationWarning")  # 16-token model
-def test_bench_embed_runs_and_writes_json(tiny, tmp_path):
+def bench_embed(tiny: str, tmp_path: Path, *options: str) -> tuple[Any, dict[str, Any]]:
+    """``tinytx bench embed`` on the tiny model, 6 texts, 4 a batch, tinytx alone:
+    (the CLI's result, its JSON)."""
     path = tmp_path / "embed.json"
     result = invoke(
         "bench", "embed", "--model", tiny, "--sentences", "6", "--batch-size", "4",
-        "--repeats", "1", "--warmup", "0", "--no-peer", "--json", str(path),
+        "--repeats", "1", "--warmup", "0", "--no-peer", "--json", str(path), *options,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    return result, json.loads(path.read_text())
+
+
+@pytest.mark.filterwarnings("ignore::tinytx.tokenizer.TruncationWarning")  # 16-token model
+def test_bench_embed_runs_and_writes_json(tiny, tmp_path):
+    result, data = bench_embed(tiny, tmp_path)
     assert "sentences_per_s" in result.output
-    data = json.loads(path.read_text())
     assert data["benchmark"] == "embed" and data["sentences"] == 6
     assert data["results"][0]["sentences_per_s"] > 0
     assert data["max_padding"] == DEFAULT_MAX_PADDING
@@ -278,14 +285,7 @@ def test_bench_embed_runs_and_writes_json(tiny, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::tinytx.tokenizer.TruncationWarning")  # 16-token model
 def test_bench_embed_max_padding_none_batches_as_sentence_transformers(tiny, tmp_path):
-    path = tmp_path / "embed.json"
-    result = invoke(
-        "bench", "embed", "--model", tiny, "--sentences", "6", "--batch-size", "4",
-        "--max-padding", "none", "--repeats", "1", "--warmup", "0", "--no-peer",
-        "--json", str(path),
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    data = json.loads(path.read_text())
+    result, data = bench_embed(tiny, tmp_path, "--max-padding", "none")
     assert data["max_padding"] is None
     assert data["positions"]["tinytx"] == data["positions"]["sentence_transformers"]
     assert "by count alone" in result.output

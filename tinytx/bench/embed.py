@@ -19,6 +19,7 @@ Without sentence-transformers, tinytx's figures are printed alone.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,8 +241,8 @@ def max_padding_option(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
+        value = math.nan  # not a number: refused below, with the same message
+    if not 0.0 <= value < 1.0:  # also NaN
         raise ValueError(f"must be a number in [0, 1) or 'none', got {text!r}")
     return value
 
