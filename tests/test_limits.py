@@ -99,6 +99,22 @@ def test_blockwise_gives_the_same_limit_across_key_blocks(backend, block_size) -
 # --- gelu ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_through_a_backends_own_erf_keeps_the_limits(numpy_backend, monkeypatch, dtype):
+    """A backend with its own erf (CuPy's) takes x/2 (1 + erf(x / sqrt 2)): the same limits
+    as the definition, 0 at -inf (not -inf * 0 = NaN). Found on an H200, 2026-12-04."""
+    import math
+
+    exact_erf = np.vectorize(math.erf, otypes=[dtype])
+    monkeypatch.setitem(numpy_backend.natives, "erf", lambda a: exact_erf(a).astype(a.dtype))
+    monkeypatch.delitem(numpy_backend.natives, "gelu")
+    big = float(np.finfo(dtype).max)
+    x = np.array([INF, -INF, big, -big, 0.0, NAN, 1.0], dtype=dtype)
+    y = F.gelu(numpy_backend.asarray(x))
+    np.testing.assert_array_equal(y[:5], [INF, 0.0, big, 0.0, 0.0])
+    assert np.isnan(y[5]) and abs(y[6] - 0.8413447460685429) < 1e-6
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gelu_at_the_infinities(backend, approximate, dtype) -> None:

@@ -210,8 +210,8 @@ def gelu(x: Array, approximate: str = "none") -> Array:
     if native_gelu is not None and (y := native_gelu(x)) is not NotImplemented:
         return y
     native = _native(xp, "erf")
-    if native is not None:
-        return 0.5 * x * (1.0 + native(x * (1.0 / math.sqrt(2.0))))
+    if native is not None:  # x capped below at -1e4, as the tanh form: 0, not -inf * 0, at -inf
+        return 0.5 * xp.clip(x, min=-1e4) * (1.0 + native(x * (1.0 / math.sqrt(2.0))))
     # |x| capped at 1e4: the tail |x|/2 erfc(|x|/sqrt 2) is exactly 0 from |x| ~ 40 on, and
     # the cap keeps inf * erfc(inf) = inf * 0 from making NaN at x = +-inf.
     size = xp.where(xp.abs(x) > 1e4, 1e4, xp.abs(x))  # (...)  |x|, capped
